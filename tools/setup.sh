@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up a fresh machine for modsync: a virtualenv with modsync and its test
+# dependencies in .venv, plus (when run as root) the Debian packages the
+# interop tests start as real peers.  Safe to run again: it only adds what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e '.[test]'
+
+# Real peers for interop tests, from Debian's packages.
+#   dovecot-core: doveadm reads and writes Maildirs (tests/test_dovecot_interop.py)
+DEB_PACKAGES="dovecot-core"
+if [ "${MODSYNC_SKIP_APT:-}" != "1" ] && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+    missing=""
+    for p in $DEB_PACKAGES; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+    done
+    if [ -n "$missing" ]; then
+        echo "installing Debian packages:$missing" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+    fi
+fi
