@@ -611,6 +611,9 @@ def _apply_record(ctx: _Context, item: Item, fetched: dict) -> None:
         _take(ctx, mb, theirs, local, item, fetched)
         return
     # Concurrent changes at one UID.
+    if local.stamp.removed and item.removed:
+        _merge_tombstones(ctx, mb, local, theirs, item, fetched)
+        return
     if not same_message:
         # Different messages: every live one moves to a new UID, the UID is expunged.
         movers = [r for r in (local, theirs) if not r.stamp.removed]
@@ -618,22 +621,39 @@ def _apply_record(ctx: _Context, item: Item, fetched: dict) -> None:
             _need_body(ctx, theirs, fetched)
         ctx.moves.setdefault(mb.num, []).append((uid, movers, local, item))
         return
-    if local.stamp.removed and item.removed and local.moved_to and not theirs.moved_to:
-        for uid2 in local.moved_to:   # the expunged message moved on here: follow it
-            copy = m.record(mb, uid2)
-            if copy is not None and not copy.stamp.removed and copy.address == theirs.address:
-                ctx.expunge(mb, copy)
-    if local.stamp.removed or item.removed:
-        if local.stamp.removed and item.removed:
-            if _key(item.origin, item.origin_modseq) > ctx.key_of(local.stamp):
-                _take(ctx, mb, theirs, local, item, fetched)
-            return
-        if local.stamp.removed:
-            ctx.restamp(local, mb, item)       # our expunge wins
-        else:
-            ctx.expunge(mb, local)              # their expunge wins
+    if local.stamp.removed:
+        ctx.restamp(local, mb, item)       # our expunge wins
+        return
+    if item.removed:
+        ctx.expunge(mb, local)              # their expunge wins
         return
     _merge_flags(ctx, mb, local, theirs, item)
+
+
+def _merge_tombstones(ctx: _Context, mb: Mailbox, local: Record, theirs: Record, item: Item,
+                      fetched: dict) -> None:
+    """Both sides hold a tombstone at one UID."""
+    m = ctx.m
+    if bool(local.moved_to) != bool(theirs.moved_to):
+        # One side expunged the message at this UID, the other's merge moved the
+        # messages from it elsewhere: the expunge follows the message into its
+        # copies, and the tombstone that stays says "expunged", so copies that
+        # arrive later are caught too.
+        expunged, moved = (theirs, local) if local.moved_to else (local, theirs)
+        for uid2 in moved.moved_to:
+            copy = m.record(mb, uid2)
+            if copy is not None and not copy.stamp.removed and copy.address == expunged.address:
+                ctx.expunge(mb, copy)
+        if expunged is local:
+            ctx.restamp(local, mb, item)
+        elif _key(item.origin, item.origin_modseq) > ctx.key_of(local.stamp):
+            _take(ctx, mb, theirs, local, item, fetched)
+        else:
+            m.put_record(mb, theirs, local, keep_stamps=True)   # theirs, newer than ours
+            ctx.written += 1
+        return
+    if _key(item.origin, item.origin_modseq) > ctx.key_of(local.stamp):
+        _take(ctx, mb, theirs, local, item, fetched)
 
 
 def _expunged_here(rec: Record | None, address: bytes) -> bool:
