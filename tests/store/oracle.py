@@ -40,13 +40,15 @@ def cyrus_flag_crc(flags) -> int:
 
 
 def cyrus_crc_basic(uid, modseq, last_updated, flags, internaldate, guid_hex40) -> int:
-    s = "%u %u %d (%u) %d %s" % (uid, modseq, last_updated, cyrus_flag_crc(flags),
+    # printf formats as in Cyrus's mailbox.c, kept verbatim on purpose
+    s = "%u %u %d (%u) %d %s" % (uid, modseq, last_updated, cyrus_flag_crc(flags),  # noqa: UP031
                                  internaldate, guid_hex40)
     return crc32(s)
 
 
 def cyrus_crc_annot(uid, entry, userid, value: bytes) -> int:
-    return crc32(("%u %s %s " % (uid, entry, "" if userid is None else userid)).encode() + value)
+    line = "%u %s %s " % (uid, entry, "" if userid is None else userid)  # noqa: UP031
+    return crc32(line.encode() + value)
 
 
 def cyrus_record_annot(uid, savedate, createdmodseq, annotations) -> int:

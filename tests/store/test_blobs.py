@@ -349,7 +349,7 @@ def test_blobstore_on_its_own(scratch):
     bs.sync()
     for d, loc in zip(data, locs):
         assert Location.from_list(loc.to_list()) == loc
-        method, header_address, payload = bs.read_stored(loc)
+        method, header_address, _payload = bs.read_stored(loc)
         assert header_address == address_of(d) and method == loc.method
         assert bs.read(address_of(d), loc) == d
     with pytest.raises(StoreCorrupt):

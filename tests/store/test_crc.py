@@ -7,7 +7,8 @@ replication against a Cyrus peer ends in IMAP_SYNC_CHECKSUM.
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine import Message, crc, uidset
 from engine.errors import UsageError

@@ -4,8 +4,10 @@ from __future__ import annotations
 import os
 import shutil
 
+import lmdb
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import engine.db
 from engine.db import Database, prefix_end
@@ -144,7 +146,7 @@ def test_readonly_database_refuses_writes(scratch):
     try:
         with ro.read() as txn:
             assert txn.get("meta", b"a") == b"1"
-        with pytest.raises(Exception):
+        with pytest.raises(lmdb.Error):
             ro.write(lambda txn: txn.put("meta", b"b", b"2"))
     finally:
         ro.close()

@@ -30,7 +30,7 @@ def dump(store: Store) -> dict:
 
 def run_python(code: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=120, **kw)
+                          text=True, timeout=120, check=False, **kw)
 
 
 # --- the memory map filling up --------------------------------------------------------------

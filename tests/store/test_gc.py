@@ -206,15 +206,12 @@ def test_current_pack_and_packs_held_by_a_writer_are_left_alone(store, ten_per_p
     group, = _packs_with(store, [[body(i) for i in range(10)]])
     full = pack_of(store, group[0].address)
     store.expunge(U, "INBOX", [(1, 11)])                  # everything, the filler too
-    held = open(store.path / "blobs" / f"{full}.pack", "rb")
-    fcntl.flock(held.fileno(), fcntl.LOCK_EX)             # another writer appending to it
-    try:
+    with open(store.path / "blobs" / f"{full}.pack", "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)         # another writer appending to it
         collect(store, retention=0, now=T0)
         r = collect(store, retention=0, now=T0)
         assert r.removed == 11 and r.packs_rewritten == r.packs_deleted == 0
         assert full in store.blobs.packs() and store.blobs.current_pack in store.blobs.packs()
-    finally:
-        held.close()
     r = collect(store, retention=0, now=T0)               # released: now it goes
     assert r.packs_deleted == 1 and full not in store.blobs.packs()
     assert store.blobs.current_pack in store.blobs.packs()
@@ -275,10 +272,9 @@ def test_writer_taking_over_a_pack_while_gc_removes_it(store_path):
     doomed = store.blobs.current_pack
     store.close()
     store = Store.open(store_path)
-    held = open(store.path / "blobs" / f"{doomed}.pack", "rb")
-    fcntl.flock(held.fileno(), fcntl.LOCK_EX)       # so that this process starts its own pack
-    store.append(U, "INBOX", b"in the gc process's own pack")
-    held.close()
+    with open(store.path / "blobs" / f"{doomed}.pack", "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)   # so that this process starts its own pack
+        store.append(U, "INBOX", b"in the gc process's own pack")
     store.expunge(U, "INBOX", [(1, 3)])              # the doomed pack is now all garbage
     collect(store, retention=0, now=T0)
     real_remove = store.blobs.remove_pack
@@ -289,7 +285,7 @@ def test_writer_taking_over_a_pack_while_gc_removes_it(store_path):
             s = Store.open({str(store_path)!r})
             s.append("alice", "INBOX", b"written while gc removes a pack")
             s.close()
-            """)], capture_output=True, text=True, timeout=120)
+            """)], capture_output=True, text=True, timeout=120, check=False)
         assert child.returncode == 0, child.stderr
         real_remove(pack)
     store.blobs.remove_pack = remove_pack

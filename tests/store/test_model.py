@@ -4,12 +4,25 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.errors import UsageError
 from engine.model import (
-    KIND_CLASSES, SYSTEM_FLAGS, AclEntry, Annotation, Mailbox, QuotaRoot, Record, SeenSet,
-    SieveScript, Stamp, Subscription, normalize_flags, stamp_of, validate_flags,
+    KIND_CLASSES,
+    SYSTEM_FLAGS,
+    AclEntry,
+    Annotation,
+    Mailbox,
+    QuotaRoot,
+    Record,
+    SeenSet,
+    SieveScript,
+    Stamp,
+    Subscription,
+    normalize_flags,
+    stamp_of,
+    validate_flags,
 )
 
 # --- flags ---------------------------------------------------------------------------------
@@ -141,8 +154,8 @@ def test_digest_ignores_local_numbers_and_counters():
 
 
 @pytest.mark.parametrize("change", [
-    dict(uid=2), dict(address=b"b" * 32), dict(internaldate=6), dict(flags=("\\Seen",)),
-    dict(annotations=(("/comment", "", b"x"),)),
+    {"uid": 2}, {"address": b"b" * 32}, {"internaldate": 6}, {"flags": ("\\Seen",)},
+    {"annotations": (("/comment", "", b"x"),)},
 ])
 def test_record_digest_sees_visible_fields(change):
     rec = Record(1, b"a" * 32, b"s" * 20, 10, 5, flags=("\\Seen", "$Junk"))
@@ -151,8 +164,8 @@ def test_record_digest_sees_visible_fields(change):
 
 
 @pytest.mark.parametrize("change", [
-    dict(id="id2"), dict(name="Other"), dict(uidvalidity=8), dict(uidnext=4),
-    dict(specialuse=("\\Sent",)),
+    {"id": "id2"}, {"name": "Other"}, {"uidvalidity": 8}, {"uidnext": 4},
+    {"specialuse": ("\\Sent",)},
 ])
 def test_mailbox_digest_sees_visible_fields(change):
     mb = Mailbox("id1", "INBOX", 7, uidnext=3)

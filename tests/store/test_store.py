@@ -10,8 +10,16 @@ import pytest
 from engine import Message, Store, names
 from engine.db import TABLES
 from engine.errors import (
-    FullSyncNeeded, InvalidName, MailboxExists, ModsyncError, NoSuchMailbox, NoSuchObject,
-    NoSuchUser, NotAStore, SchemaVersionError, UsageError,
+    FullSyncNeeded,
+    InvalidName,
+    MailboxExists,
+    ModsyncError,
+    NoSuchMailbox,
+    NoSuchObject,
+    NoSuchUser,
+    NotAStore,
+    SchemaVersionError,
+    UsageError,
 )
 from engine.model import U32
 from engine.verify import verify_store
@@ -397,13 +405,9 @@ def test_uids_are_never_reused(store_path):
     store.close()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: set_flags, expunge and copy walk the given UID "
-                   "ranges one by one without merging them, so overlapping ranges visit a record "
-                   "twice: set_flags XORs a stale record out of the CRCs and digest, expunge "
-                   "counts it out twice (messages/size/CRCs wrong, verify fails), copy/move "
-                   "duplicate the message (move even copies the tombstone it just made).")
 @pytest.mark.parametrize("op", ["set_flags", "expunge", "copy", "move"])
 def test_overlapping_uid_ranges(store, op):
+    """Overlapping ranges select each message once (they once visited records twice)."""
     store.create_mailbox(U, "INBOX")
     store.create_mailbox(U, "Dest")
     store.append_many(U, "INBOX", [Message(b"m%d" % i) for i in range(4)])
@@ -420,14 +424,9 @@ def test_overlapping_uid_ranges(store, op):
     oracle.check_mailbox_totals(store, U)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: append_many trusts Message.address (the caller's "
-                   "blake3 of the body) without checking it. A wrong address that is already "
-                   "stored makes the new record silently point at another message's body (the "
-                   "record's sha1 and size are the given body's, and verify_store sees nothing); "
-                   "a wrong new address stores the body where it can never be read back "
-                   "(StoreCorrupt). It should be verified (blake3 is cheap) or refused.")
 @pytest.mark.parametrize("case", ["address of another stored body", "made-up address"])
 def test_append_with_a_wrong_address(store, case):
+    """A caller-supplied content address is checked: never a record pointing at another body."""
     store.create_mailbox(U, "INBOX")
     other = store.append(U, "INBOX", b"body B")
     wrong = other.address if case.startswith("address of") else b"\x07" * 32
@@ -456,7 +455,7 @@ def test_concurrent_writers_and_readers(scratch):
                     store.set_flags(user, "INBOX", [(1, r.uid)], ["\\Seen"])
                 if i % 11 == 0:
                     store.expunge(user, "INBOX", [(r.uid, r.uid)])
-        except Exception as e:       # pragma: no cover - reported below
+        except Exception as e:  # noqa: BLE001 - any failure in a thread is the test's failure
             errors.append(e)
 
     def reader():
@@ -468,7 +467,7 @@ def test_concurrent_writers_and_readers(scratch):
                     changes = store.changes_since(user, 0)
                     u = store.user_info(user)          # read after: never older
                     assert all(c.modseq <= u.modseq for c in changes)
-        except Exception as e:       # pragma: no cover
+        except Exception as e:  # noqa: BLE001
             errors.append(e)
     threads = [threading.Thread(target=writer, args=(f"user{i}",)) for i in range(3)]
     threads += [threading.Thread(target=reader) for _ in range(2)]
@@ -536,7 +535,7 @@ def test_removing_leaves_tombstones_with_the_modseq_of_removal(store):
         assert m1 > m0
         (tomb,) = [c.object for c in store.changes_since(U, m0) if c.kind == kind]
         assert tomb.stamp.removed and tomb.stamp.modseq == m1
-    tomb = [c.object for c in store.changes_since(U, 0) if c.kind == "record"][0]
+    tomb = next(c.object for c in store.changes_since(U, 0) if c.kind == "record")
     assert (tomb.uid, tomb.address) == (rec.uid, rec.address)
     assert verify_store(store).ok
 
@@ -596,12 +595,9 @@ NO_OP_WRITES = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: writes that change nothing still take a modseq and "
-                   "re-stamp the object (and its mailbox), so it shows up in changes_since and is "
-                   "replicated again; removing a message annotation that does not exist "
-                   "re-stamps the record. Store.mutate promises: nothing changed -> no modseq.")
 @pytest.mark.parametrize("what", sorted(NO_OP_WRITES))
 def test_writes_that_change_nothing_use_no_modseq(store, what):
+    """Store.mutate's promise: nothing changed, no modseq (and nothing to replicate)."""
     store.create_mailbox(U, "INBOX")
     store.append(U, "INBOX", b"x")
     store.subscribe(U, "INBOX")
@@ -619,11 +615,8 @@ def test_writes_that_change_nothing_use_no_modseq(store, what):
     assert store.changes_since(U, m0) == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: set_seen stores the UID set text as given: '1:3' "
-                   "and '1,2,3' (the same seen messages) give different digests, and malformed "
-                   "sets like 'garbage' are accepted. It should store uidset.format(parse(...)) "
-                   "and raise UsageError for malformed sets.")
 def test_seen_sets_are_canonical(make_store):
+    """'1:3' and '1,2,3' are one seen set: stored alike, same digest; garbage refused."""
     a, b = make_store(), make_store()
     a.set_seen(U, "box", "1:3,5")
     b.set_seen(U, "box", "5,3,1,2")
@@ -645,13 +638,8 @@ def test_bad_annotation_entries_are_refused(store, entry):
     assert dump_all(store) == before
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Mailbox.specialuse is taken from the last /specialuse "
-                   "annotation written, whatever its userid: a shared value or another user's "
-                   "private value (bob's) sets the owner's SPECIAL-USE, and removing any of them "
-                   "clears it. The same annotations then give a different specialuse (and user "
-                   "digest) depending on the order they were written in. Only the owner's value "
-                   "(Cyrus: /specialuse with USERID = the owner) should count.")
 def test_specialuse_does_not_depend_on_annotation_order(make_store):
+    """Only the owner's /specialuse value is the mailbox's SPECIAL-USE, whatever the order."""
     a, b = make_store(), make_store()
     for s in (a, b):
         s.create_mailbox(U, "INBOX", unique_id="inbox-id", uidvalidity=7)
@@ -691,7 +679,7 @@ def test_changes_since_lists_exactly_what_changed(store):
     store.delete_mailbox(U, "Other")
     got = {(c.kind, c.object.key()) for c in store.changes_since(U, n)}
     inbox = store.mailbox(U, "INBOX")
-    other = [m for m in store.mailboxes(U, include_removed=True) if m.stamp.removed][0]
+    other = next(m for m in store.mailboxes(U, include_removed=True) if m.stamp.removed)
     assert got == {("record", inbox.key() + (2).to_bytes(4, "big")),
                    ("record", inbox.key() + (4).to_bytes(4, "big")),
                    ("subscription", b"Other"), ("mailbox", inbox.key()), ("mailbox", other.key())}
@@ -854,13 +842,14 @@ def test_changes_since_cost_does_not_depend_on_store_size(scratch):
     try:
         costs = {}
         for name, s, n in (("small", small, n_small), ("big", big, n_big)):
-            ops, changes = _lmdb_ops(s, lambda: s.changes_since(U, n))
+            ops, changes = _lmdb_ops(s, lambda s=s, n=n: s.changes_since(U, n))
             assert len(changes) == 101                  # 100 records and their mailbox
             costs[name] = ops
-            half, changes = _lmdb_ops(s, lambda: s.changes_since(U, n + 50))
+            half, changes = _lmdb_ops(s, lambda s=s, n=n: s.changes_since(U, n + 50))
             assert len(changes) == 51
             assert half <= ops / 2 + 10                 # linear in the number of changes
-            none, changes = _lmdb_ops(s, lambda: s.changes_since(U, s.user_info(U).modseq))
+            top = s.user_info(U).modseq
+            none, changes = _lmdb_ops(s, lambda s=s, top=top: s.changes_since(U, top))
             assert changes == [] and none <= 10
         assert costs["big"] == costs["small"]
         assert costs["big"] <= 5 * 101 + 20
