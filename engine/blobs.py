@@ -91,6 +91,7 @@ class BlobStore:
         self._dirty = False
         self._new_pack = False
         self._staged: dict[bytes, Location] = {}
+        self._finished: set[str] = set()      # packs rolled over: never reused by us
 
     # -- writing ------------------------------------------------------------
     def compress_many(self, datas: list[bytes]) -> list[tuple[int, bytes]]:
@@ -123,6 +124,8 @@ class BlobStore:
 
     def _write_entry(self, address: bytes, method: int, payload: bytes, size: int) -> Location:
         if self._fh is None or self._size >= PACK_TARGET_SIZE:
+            if self._fh is not None:
+                self._finished.add(self._pack_name)
             self._open_new_pack()
         offset = self._size
         self._fh.write(ENTRY.pack(ENTRY_MAGIC, method, address, len(payload), size))
@@ -158,6 +161,8 @@ class BlobStore:
         garbage collection never rewrites a pack being written.
         """
         for name in reversed(self.packs()[-4:]):
+            if name in self._finished:
+                continue
             path = self.root / f"{name}.pack"
             try:
                 if path.stat().st_size >= PACK_TARGET_SIZE:
@@ -167,6 +172,10 @@ class BlobStore:
                 continue
             try:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # Garbage collection deletes a pack while holding its lock: once we
+                # have the lock, make sure the file is still there under its name.
+                if os.stat(path).st_ino != os.fstat(fh.fileno()).st_ino:
+                    raise OSError("pack replaced")
                 with open(path, "rb") as check:
                     if check.read(len(PACK_MAGIC)) != PACK_MAGIC:
                         raise OSError("not a pack")
@@ -306,6 +315,7 @@ class BlobStore:
             self.sync()
             self._fh.close()
             self._fh = None
+            self._finished.add(self._pack_name)
             self._pack_name = None
 
 

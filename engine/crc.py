@@ -13,6 +13,7 @@ import zlib
 
 CRC_INIT_BASIC = 0
 CRC_INIT_ANNOT = 12345678
+VIRTUAL_PREFIX = "/vendor/cmu/cyrus-imapd/"   # thrid, savedate, createdmodseq, ...
 SAVEDATE = "/vendor/cmu/cyrus-imapd/savedate"
 CREATEDMODSEQ = "/vendor/cmu/cyrus-imapd/createdmodseq"
 

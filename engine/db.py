@@ -108,6 +108,10 @@ class Txn:
     def count(self, table: str) -> int:
         return self._txn.stat(self._dbs[table])["entries"]
 
+    def snapshot_id(self) -> int:
+        """The id of the committed transaction this one reads (replication watchers, issue 5)."""
+        return self._txn.id()
+
 
 def prefix_end(prefix: bytes) -> bytes | None:
     """The smallest key greater than every key starting with prefix (None: no bound)."""
@@ -154,7 +158,13 @@ class Database:
     @contextmanager
     def read(self) -> Iterator[Txn]:
         """A consistent snapshot for reading."""
-        with self.env.begin(write=False, buffers=False) as txn:
+        try:
+            txn = self.env.begin(write=False, buffers=False)
+        except lmdb.MapResizedError:
+            # Another process grew the map: adopt its size and begin again.
+            self.env.set_mapsize(0)
+            txn = self.env.begin(write=False, buffers=False)
+        with txn:
             yield Txn(txn, self._dbs, write=False)
 
     def write(self, fn: Callable[[Txn], T], *, before_commit: Callable[[], None] | None = None) -> T:
@@ -164,8 +174,12 @@ class Database:
         store uses it to make blob bytes durable before any record points at them.
         """
         for _attempt in range(32):
-            self._maybe_grow()
-            txn = self.env.begin(write=True)
+            try:
+                self._maybe_grow()
+                txn = self.env.begin(write=True)
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)     # another process grew the map
+                continue
             try:
                 result = fn(Txn(txn, self._dbs, write=True))
                 if before_commit is not None:
@@ -204,6 +218,12 @@ class Database:
     # -- misc ---------------------------------------------------------------
     def sync(self) -> None:
         self.env.sync(True)
+
+    def last_txnid(self) -> int:
+        """The latest committed write transaction, by any process: a few microseconds, so
+        replication can watch for commits (issue 5).  A committing writer moves it a moment
+        before new readers see its data: compare with Txn.snapshot_id()."""
+        return self.env.info()["last_txnid"]
 
     def close(self) -> None:
         self.env.close()

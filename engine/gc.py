@@ -105,12 +105,14 @@ def _rewrite_packs(store: Store, report: GcReport) -> None:
             continue   # a writer is appending to it: next time
         try:
             _move_out(store, pack, entries, report)
+            # Delete while still holding the lock: a writer looking for a pack to
+            # reuse cannot take this one between our check and the delete.
+            store.blobs.remove_pack(pack)
         except RuntimeError as e:
             report.errors.append(str(e))
             continue
         finally:
             lock.close()
-        store.blobs.remove_pack(pack)
         report.reclaimed_bytes += size - live_bytes
         if entries:
             report.packs_rewritten += 1

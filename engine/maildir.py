@@ -39,18 +39,22 @@ Import reads the messages of each folder in Dovecot's UID order
 (``dovecot-uidlist``, then new files in the order Dovecot would number
 them), appends them in batches and never duplicates (the rule is in
 ``engine.mailfile``).  Files starting with ``.`` and files in ``tmp/`` are
-not messages.  A file is refused, by name, when it cannot be read, is not a
-regular file, is bigger than ``MAX_MESSAGE_BYTES``, or is shorter or longer
-than the ``S=`` size in its name (truncated after delivery); the import goes
-on with the other files.  Bodies are stored byte for byte, whatever they
-hold (NUL bytes, bare LF, long lines, nothing at all).
+not messages.  A ``.INBOX`` folder is refused: the root is INBOX, and
+Dovecot never lists or opens that directory.  A file is refused, by name,
+when it cannot be read, is not a regular file, is bigger than
+``MAX_MESSAGE_BYTES``, or is shorter or longer than the ``S=`` size in its
+name (truncated after delivery); the import goes on with the other files.
+Bodies are stored byte for byte, whatever they hold (NUL bytes, bare LF,
+long lines, nothing at all).
 
 Flags on import follow Dovecot: unknown upper-case letters are ignored and a
 keyword letter that ``dovecot-keywords`` does not name becomes
 ``unknown-<n>``, as Dovecot names it.  One addition: ``P`` (passed, which
 Dovecot ignores) is imported as $Forwarded, the keyword mail clients use
 for it.  Keywords past the 26th of a folder live only in Dovecot's index
-files, which are not read.
+files, which are not read.  A keyword the store refuses (not an IMAP atom,
+e.g. with a space or a non-ASCII letter) is left off, the message imported
+without it, and the keyword reported once per folder.
 
 Export writes a new Maildir (the directory must be missing or empty) that
 Dovecot opens as it is: each message is written to ``tmp/``, made durable
@@ -382,10 +386,15 @@ def _folders(root: str, report: ImportReport) -> list[tuple[str, str]]:
         except InvalidName as err:
             report.refuse(e.path, f"folder not imported: {err}")
             continue
+        if name == "INBOX":
+            # Even when the root has no cur/ yet: Dovecot makes one there and
+            # never lists or opens this directory (checked with doveadm 2.3.19).
+            report.refuse(e.path, "folder not imported: it would be mailbox 'INBOX', but the "
+                                  "Maildir root is INBOX, and Dovecot never shows this folder")
+            continue
         if name in found:
-            why = ("the Maildir root is INBOX, and Dovecot never shows this folder"
-                   if name == "INBOX" else f"{display_path(found[name])} has the same name")
-            report.refuse(e.path, f"folder not imported: it would be mailbox {name!r}, but {why}")
+            report.refuse(e.path, f"folder not imported: it would be mailbox {name!r}, but "
+                                  f"{display_path(found[name])} has the same name")
             continue
         found[name] = e.path
     return sorted(found.items(), key=lambda kv: (kv[0] != "INBOX", kv[0]))
@@ -518,7 +527,7 @@ def import_maildir(store: Store, user: str, path: str | os.PathLike, *,
     try:
         for name, folder, files in plan:
             keywords = _read_keywords(folder, run.report)
-            into = run.into(name)
+            into = run.into(name, folder)
             for fpath, fname, regular in files:
                 try:
                     if not regular:
@@ -528,9 +537,7 @@ def import_maildir(store: Store, user: str, path: str | os.PathLike, *,
                     run.report.refuse(fpath, str(err))
                     run.progress.advance(1)
                     continue
-                flags = flags_from_letters(_split_name(fname)[1], keywords)
-                for why in into.offer(body, flags, mtime):
-                    run.report.refuse(fpath, f"imported without a flag: {why}")
+                into.offer(body, flags_from_letters(_split_name(fname)[1], keywords), mtime)
             into.finish()
         _import_subscriptions(root, run)
     finally:
@@ -727,7 +734,9 @@ def export_maildir(store: Store, user: str, path: str | os.PathLike, *,
         lines = []
         for name in store.subscriptions(user):
             try:
-                parts = ["INBOX"] if name == "INBOX" else _folder_parts(name)
+                # The same test as for a folder (a name too long for one is refused too).
+                dirname = folder_dirname(name)
+                parts = ["INBOX"] if not dirname else dirname[1:].split(".")
             except InvalidName as err:
                 if name not in refused_names:
                     report.refuse(name, f"subscription not written: {err}")

@@ -14,8 +14,14 @@ message twice gives two messages, and an import interrupted at any point
 (crash, kill, full disk) can be re-run and completes without duplicates.
 Messages already in the store are never changed: their flags stay as they
 are even if the source's have changed since.  Only live messages count: one
-expunged from the mailbox since an earlier import comes back if the same
-source is imported again.
+expunged (deleted) from the mailbox since an earlier import comes back if
+the same source is imported again.
+
+Flags.  The store takes only flags IMAP can carry
+(``engine.model.validate_flags``).  A keyword it refuses (a space or a
+non-ASCII letter in it, say) is left off and the message imported without
+it; the report names each such keyword once per folder (or mbox file), with
+the number of messages that had it.
 
 Batching.  Messages are appended with ``Store.append_many`` in batches of
 ``BATCH_MESSAGES`` messages or ``BATCH_BYTES`` bytes, whichever is reached
@@ -59,8 +65,9 @@ class ImportReport:
     """What an import did.  ``ok`` is False when anything was refused.
 
     ``refused`` lists ``{"file": ..., "reason": ...}`` for every file,
-    folder or part of a file that was not imported, and for every flag left
-    off an imported message; the import carried on with the rest.
+    folder or part of a file that was not imported, and, once per folder,
+    for every flag left off imported messages; the import carried on with
+    the rest.
     """
 
     source: str
@@ -117,15 +124,28 @@ class ImportRun:
         except NoSuchUser:
             self._mailboxes = set()   # create_mailbox creates the user
         self._subscriptions: set[str] | None = None   # read when first needed
+        self._flag_cache: dict[tuple, tuple[tuple[str, ...], list[str]]] = {}
 
-    def into(self, mailbox: str) -> MailboxImport:
-        """Start importing into mailbox (canonical name), creating it if it is missing."""
+    def into(self, mailbox: str, source: str | os.PathLike) -> MailboxImport:
+        """Start importing into mailbox, creating it if it is missing.
+
+        ``source`` (the folder or file the messages come from) is what the
+        report names for flags left off.
+        """
         mailbox = names.mailbox(mailbox)
         if mailbox not in self._mailboxes:
             self.store.create_mailbox(self.user, mailbox)
             self._mailboxes.add(mailbox)
             self.report.mailboxes_created.append(mailbox)
-        return MailboxImport(self, mailbox)
+        return MailboxImport(self, mailbox, source)
+
+    def storable_flags(self, flags) -> tuple[tuple[str, ...], list[str]]:
+        """``storable_flags``, remembered: a mail store has few distinct flag sets."""
+        key = tuple(flags)
+        hit = self._flag_cache.get(key)
+        if hit is None:
+            hit = self._flag_cache[key] = storable_flags(key)
+        return hit
 
     def subscribe(self, mailbox: str) -> None:
         """Subscribe the user to mailbox unless already subscribed."""
@@ -150,27 +170,31 @@ class MailboxImport:
     (and only them).
     """
 
-    def __init__(self, run: ImportRun, mailbox: str):
+    def __init__(self, run: ImportRun, mailbox: str, source: str | os.PathLike):
         self.run = run
         self.mailbox = mailbox
+        self.source = source
+        # Why a flag was left off -> on how many messages (reported by finish()).
+        self._dropped: dict[str, int] = {}
         # The multiset of bodies the mailbox holds now (see the module docstring).
         self._present = Counter(r.address for r in run.store.records(run.user, mailbox))
         self._pending: list[Message] = []
         self._pending_bytes = 0
 
-    def offer(self, body: bytes, flags=(), internaldate: int | None = None) -> list[str]:
+    def offer(self, body: bytes, flags=(), internaldate: int | None = None) -> None:
         """Import one message unless the mailbox already holds this body (see above).
 
-        Returns why flags were left off: the store takes only flags IMAP can
-        carry, and one odd keyword must not cost the message (or its batch).
+        Flags the store would refuse are left off (one odd keyword must not
+        cost the message, or its batch) and reported by ``finish``.
         """
-        dropped: list[str] = []
         address = address_of(body)
         if self._present[address] > 0:
             self._present[address] -= 1
             self.run.report.skipped += 1
         else:
-            flags, dropped = storable_flags(flags)
+            flags, dropped = self.run.storable_flags(flags)
+            for why in dropped:
+                self._dropped[why] = self._dropped.get(why, 0) + 1
             if self._pending and self._pending_bytes + len(body) > BATCH_BYTES:
                 self._flush()
             self._pending.append(Message(body, flags, internaldate, address=address))
@@ -178,10 +202,14 @@ class MailboxImport:
             if len(self._pending) >= BATCH_MESSAGES:
                 self._flush()
         self.run.progress.advance(1, len(body))
-        return dropped
 
     def finish(self) -> None:
+        """Append what is pending; report the flags left off, once each."""
         self._flush()
+        for why, n in self._dropped.items():
+            self.run.report.refuse(self.source, f"{why}; left off {n} message(s), which were "
+                                                f"imported without it")
+        self._dropped.clear()
 
     def _flush(self) -> None:
         if not self._pending:

@@ -20,7 +20,9 @@ The internal date comes from the From_ line (UTC unless the line carries a
 numeric offset).  Flags come from the headers mbox-serving programs keep,
 read without changing the body: ``Status:`` R is \\Seen; ``X-Status:`` A
 \\Answered, F \\Flagged, T \\Draft, D \\Deleted; ``X-Keywords:`` keywords
-separated by spaces or commas.
+separated by spaces or commas.  A keyword the store refuses (not an IMAP
+atom) is left off, the message imported without it, and the keyword
+reported once for the file.
 
 Bytes before the first From_ line, and messages over ``MAX_MESSAGE_BYTES``,
 are refused (named in the report by line number); the rest is imported.
@@ -32,6 +34,7 @@ import calendar
 import mmap
 import os
 import re
+import stat
 
 from .errors import ImportError_
 from .mailfile import MAX_MESSAGE_BYTES, ImportReport, ImportRun, display_path
@@ -160,7 +163,7 @@ def _import_messages(mm, path: str, mailbox: str, run: ImportRun) -> None:
             run.report.refuse(path, "the file has no From_ line: it is not an mbox")
             return
         run.report.refuse(path, f"{first} bytes before the first From_ line are not a message")
-    into = run.into(mailbox)
+    into = run.into(mailbox, path)
     run.progress.start(f"import {display_path(path)}", total_items=len(bounds),
                        total_bytes=len(mm))
     try:
@@ -172,8 +175,7 @@ def _import_messages(mm, path: str, mailbox: str, run: ImportRun) -> None:
                 run.progress.advance(1, end - body_start)
                 continue
             body = _message(mm, body_start, end)
-            for why in into.offer(body, flags_from_headers(body), date):
-                run.report.refuse(path, f"{_where(mm, i, start)}: imported without a flag: {why}")
+            into.offer(body, flags_from_headers(body), date)
         into.finish()
     finally:
         run.progress.finish()
@@ -184,19 +186,25 @@ def import_mbox(store: Store, user: str, path: str | os.PathLike, mailbox: str, 
     """Import the messages of an mbox file into one mailbox (created if missing).
 
     Refused parts of the file are listed in the report and the import goes
-    on; ImportError_ only when the file cannot be opened at all.
+    on; ImportError_ only when the file cannot be opened at all or is not a
+    regular file (a pipe or a device).
     """
     path = os.fspath(path)
     shown = display_path(path)
     try:
-        fh = open(path, "rb")
+        # O_NONBLOCK: opening a FIFO must not wait for a writer.
+        fh = os.fdopen(os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK), "rb")
     except OSError as err:
         raise ImportError_(f"{shown}: cannot open: {err.strerror}", subject=path)
-    run = ImportRun(store, user, path, progress)
     with fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            # A pipe (`--mbox <(zcat old.mbox.gz)`) would look empty: say so, import nothing.
+            raise ImportError_(f"{shown}: not a regular file; an mbox is read in place, so "
+                               f"decompress or copy it to a file first", subject=path)
+        run = ImportRun(store, user, path, progress)
         try:
-            size = os.fstat(fh.fileno()).st_size
-            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if st.st_size else b""
         except (OSError, ValueError) as err:
             raise ImportError_(f"{shown}: cannot read: {err}", subject=path)
         try:

@@ -20,13 +20,16 @@ from __future__ import annotations
 import time
 
 from . import crc as cyrus_crc
-from .errors import FullSyncNeeded, NoSuchMailbox, NoSuchObject, NoSuchUser, StoreCorrupt
+from .errors import (FullSyncNeeded, NoSuchMailbox, NoSuchObject, NoSuchUser, StoreCorrupt,
+                     UsageError)
 from .model import (
     ACL, ANNOTATION, MAILBOX, MAX_MODSEQ, RECORD, U32, U64,
     KIND_CLASSES, Mailbox, Record, SieveScript, Stamp, _pack, record_crc64, unpackb,
 )
 
 DIGEST_ZERO = bytes(16)
+# LMDB keys hold at most 511 bytes; the per-origin index adds 17 to an object's key.
+MAX_OBJECT_KEY = 511 - 17
 
 
 def xor16(a: bytes, b: bytes) -> bytes:
@@ -117,6 +120,9 @@ class Mutation:
         the user's digest (None for tombstones, which users do not see).
         """
         kind, key = obj.KIND, obj.key()
+        if len(key) > MAX_OBJECT_KEY:
+            raise UsageError(f"{KIND_CLASSES[kind].__name__} name too long "
+                             f"({len(key)} bytes; at most {MAX_OBJECT_KEY}): {key[:40]!r}...")
         if old_digest is not None:
             self.user.digest = xor16(self.user.digest, old_digest)
         obj.stamp.modseq = self.modseq
@@ -349,10 +355,37 @@ class Mutation:
         if self._changed:
             self.user.modseq = self.modseq
             self.txn.put("users", self.user.name.encode(), self.user.pack())
+            # Replication (issue 5): the intent to replicate this change goes
+            # in the same transaction, so no committed change can escape every
+            # later replication run (engine.replication reads these).
+            record_intent(self.txn, self.user.name, self.modseq)
 
     @property
     def changed(self) -> bool:
         return self._changed
+
+
+# -- replication intents (issue 5; read by engine.replication) ---------------------
+INTENT_USER = b"u"      # intents table: b"u" + user name -> [modseq, time_ms, time log]
+INTENT_LOG_LEN = 32     # (modseq, second) pairs kept: when the first unreplicated commit was
+
+
+def record_intent(txn, user: str, modseq: int) -> None:
+    """Note that ``user`` has changes up to ``modseq`` to replicate (inside the change's txn).
+
+    The log holds the first modseq committed in each of the last
+    INTENT_LOG_LEN distinct seconds, so `modsync status` can say how many
+    seconds a replica is behind without a row per commit.
+    """
+    key = INTENT_USER + user.encode()
+    now = time.time()
+    raw = txn.get("intents", key)
+    log = unpackb(raw)[2] if raw is not None else []
+    second = int(now)
+    if not log or log[-1][1] != second:
+        log.append([modseq, second])
+        del log[:-INTENT_LOG_LEN]
+    txn.put("intents", key, _pack([modseq, int(now * 1000), log]))
 
 
 def annotation_stamp_key(entry: str, userid: str) -> str:

@@ -12,7 +12,9 @@ import unicodedata
 
 from .errors import InvalidName
 
-MAX_NAME_BYTES = 1024     # Cyrus's MAX_MAILBOX_NAME is 490; Dovecot allows more
+# Cyrus's MAX_MAILBOX_NAME is 490 bytes; LMDB keys hold at most 511 bytes and
+# the longest key a name goes into has 17 bytes besides it.
+MAX_NAME_BYTES = 490
 MAX_USER_BYTES = 255
 SEPARATOR = "/"
 

@@ -195,6 +195,12 @@ class Store:
         with db.read() as txn:
             level = U32.unpack(txn.get("meta", b"compression_level") or U32.pack(3))[0]
             sid = txn.get("meta", b"store_id")
+            schema = txn.get("meta", b"schema")
+        if schema is None or U32.unpack(schema)[0] > SCHEMA_VERSION:
+            db.close()
+            raise SchemaVersionError(f"{path}: the database's schema version is newer than "
+                                     f"this modsync understands ({SCHEMA_VERSION}); upgrade "
+                                     f"modsync", subject=path)
         if sid is None or sid.hex() != head[3]:
             raise NotAStore(f"{path}: database and {FORMAT_FILE} disagree about the store id",
                             subject=path)
@@ -491,8 +497,13 @@ class Store:
         vkey = IX_UIDVALIDITY + u.prefix + name.encode()
         prev = txn.get("index", vkey)
         floor = U32.unpack(prev)[0] + 1 if prev else 1
+        if floor > 0xFFFFFFFF:
+            raise UsageError(f"no uidvalidity is left for {name!r} (the name used the largest "
+                             f"one, 2^32-1); choose another name")
         if uidvalidity is None:
             uidvalidity = max(int(time.time()) & 0xFFFFFFFF, floor)
+        elif not 0 < uidvalidity <= 0xFFFFFFFF:
+            raise UsageError(f"uidvalidity {uidvalidity} is out of range 1..2^32-1")
         elif uidvalidity < floor:
             raise UsageError(f"uidvalidity {uidvalidity} for {name!r} would not be above the "
                              f"{floor - 1} it had before; uidvalidity only goes up")
@@ -514,7 +525,7 @@ class Store:
             txn, u = m.txn, m.user
             if self._mailbox_num(txn, u, new) is not None:
                 raise MailboxExists(f"user {user!r} already has a mailbox {new!r}", subject=new)
-            if new.startswith(old + names.SEPARATOR):
+            if new.startswith(old + names.SEPARATOR) and old != "INBOX":
                 raise UsageError(f"cannot rename {old!r} into its own child {new!r}")
             if old == "INBOX":
                 src = m.mailbox_by_name(old)
@@ -530,10 +541,22 @@ class Store:
                 moving.insert(0, (IX_NAME + u.prefix + old.encode(), own))
             if not moving:
                 m.mailbox_by_name(old)   # raises NoSuchMailbox with the usual message
+            # Every target name must be free or be one of the names moving away;
+            # old names are released before new ones are taken, so the order of
+            # the moves does not matter.
+            leaving = {k for k, _ in moving}
+            for name_key, num_raw in moving:
+                target = IX_NAME + u.prefix + (new + name_key[len(IX_NAME) + 4 + len(
+                    old.encode()):].decode()).encode()
+                if txn.get("index", target) is not None and target not in leaving:
+                    raise MailboxExists(f"cannot rename {old!r} to {new!r}: user {user!r} "
+                                        f"already has {target[len(IX_NAME) + 4:].decode()!r}",
+                                        subject=new)
+            for name_key, _ in moving:
+                txn.delete("index", name_key)
             for name_key, num_raw in moving:
                 mb = m.mailbox(U64.unpack(num_raw)[0])
                 new_name = new + mb.name[len(old):]
-                txn.delete("index", name_key)
                 txn.put("index", IX_NAME + u.prefix + new_name.encode(), num_raw)
                 vkey = IX_UIDVALIDITY + u.prefix + new_name.encode()
                 prev = txn.get("index", vkey)
@@ -671,6 +694,9 @@ class Store:
         """Set (or with value None, remove) a per-message annotation (see set_annotation)."""
         mailbox = names.mailbox(mailbox)
         _check_entry(entry)
+        if entry.startswith(cyrus_crc.VIRTUAL_PREFIX):
+            raise UsageError(f"{entry!r} is computed by the server (Cyrus's virtual "
+                             f"annotations); it cannot be set")
 
         def fn(m: Mutation):
             mb = m.mailbox_by_name(mailbox)

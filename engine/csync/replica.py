@@ -159,6 +159,12 @@ class ReplicaSession:
         self._sasl_mech: str | None = None
         self.closed = False
         self.stats = None       # engine.csync.server.Stats, when a server counts
+        # APPLY MESSAGE bodies are written by one background thread, so that
+        # storing a batch overlaps with the client reading and sending the next
+        # one (sync_client waits for each OK).  Whatever reads the store waits.
+        self._writer = None
+        self._pending: list = []
+        self._pending_guids: set[bytes] = set()
 
     # -- connection start ------------------------------------------------------------------
     def banner(self) -> list[Line]:
@@ -179,7 +185,32 @@ class ReplicaSession:
     # -- dispatch ----------------------------------------------------------------------------
     def handle(self, line: Line) -> Reply:
         """Answer one command line."""
+        if self._pending and not (line.verb.upper() == "APPLY" and line.is_dlist
+                                  and line.key.upper() in ("MESSAGE", "RESERVE")):
+            try:
+                self.flush()
+            except Exception as e:     # the bodies were not stored: like a failed upload
+                log.error("csync: storing uploaded bodies failed: %s", e)
+                return no("UNKNOWN")
         return self._handle(line)
+
+    def flush(self) -> None:
+        """Wait until every body received so far is in the store (raises its error, if any)."""
+        pending, self._pending = self._pending, []
+        try:
+            for fut in pending:
+                fut.result()
+        finally:
+            self._pending_guids.clear()
+
+    def close(self) -> None:
+        """End of the connection: finish the writes in flight, stop the writer."""
+        try:
+            self.flush()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
 
     def _handle(self, line: Line) -> Reply:
         if self._sasl_mech is not None:
@@ -702,9 +733,16 @@ class ReplicaSession:
         if self.stats is not None:
             self.stats.files += len(bodies)
             self.stats.file_bytes += sum(len(d) for _, d in bodies)
-        self._store_bodies(bodies)
         for sha1, _ in bodies:
             self.reserved.add(sha1)
+            self._pending_guids.add(sha1)
+        # At most two batches in flight: memory stays bounded, the pipe full.
+        while len(self._pending) >= 2:
+            self._pending.pop(0).result()
+        if self._writer is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="csync-bodies")
+        self._pending.append(self._writer.submit(self._store_bodies, bodies))
         return ok()
 
     def _store_bodies(self, bodies: list[tuple[bytes, bytes]]) -> None:
@@ -743,7 +781,7 @@ class ReplicaSession:
         with self.store.db.read() as txn:
             for g in guids:
                 sha1 = bytes.fromhex(g)
-                if txn.get("sha1", sha1) is None:
+                if sha1 not in self._pending_guids and txn.get("sha1", sha1) is None:
                     missing.append(g)
                 else:
                     self.reserved.add(sha1)

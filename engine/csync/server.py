@@ -93,6 +93,10 @@ def csync_handler(store, *, servername: str = "modsync", compress: bool = True,
                 pass
         finally:
             try:
+                await loop.run_in_executor(None, session.close)
+            except Exception:
+                log.exception("csync %s: storing the last bodies failed", peer)
+            try:
                 writer.close()
                 await writer.wait_closed()
             except Exception:

@@ -389,13 +389,21 @@ def parse_annotations(node) -> list[tuple[str, str, int, bytes]]:
     """An ANNOTATIONS list -> [(entry, userid, modseq, value)] (decode_annotations' rules)."""
     out = []
     for item in node[1:]:
-        kv = wrap(item)
-        if not isinstance(kv, KvList):
+        if type(item) is not tuple or not item or item[0] != KVLIST or not len(item) & 1:
             raise BadRecord("annotation is not a kvlist")
-        entry = kv.get_atom("ENTRY")
-        userid = kv.get_atom("USERID")
-        modseq = kv.get_num("MODSEQ")
-        value = kv.get_map("VALUE")
+        f = {}
+        for i in range(1, len(item) - 1, 2):
+            k = item[i]
+            if type(k) is not bytes or k[:1] == b'"':
+                k = node_map(k)
+            f.setdefault(k, item[i + 1])
+        try:
+            entry = node_atom(f[b"ENTRY"])
+            userid = node_atom(f[b"USERID"])
+            modseq = node_num(f[b"MODSEQ"])
+            value = node_map(f[b"VALUE"])
+        except KeyError as e:
+            raise BadRecord(f"annotation without {e.args[0].decode()}") from None
         if entry is None or userid is None or value is None:
             raise BadRecord("annotation with a NIL field")
         out.append((entry, userid, modseq, value))

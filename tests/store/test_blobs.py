@@ -324,9 +324,6 @@ def test_reopened_store_continues_a_pack_with_room(store_path):
     store.close()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: BlobStore.rollover() promises that the next append "
-                   "starts a new pack, but _open_new_pack now first tries _reuse_pack, which picks "
-                   "the pack just finished (it has room and its flock was released on close).")
 def test_explicit_rollover(store):
     store.create_mailbox("u", "INBOX")
     a = store.append("u", "INBOX", b"one")

@@ -132,12 +132,6 @@ def test_incremental_crcs_follow_every_change(store):
     assert verify_store(store).ok
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a message annotation named like a Cyrus virtual "
-                   "annotation (/vendor/cmu/cyrus-imapd/savedate, createdmodseq, thrid) is stored "
-                   "and XORed into SYNC_CRC_ANNOT a second time; Cyrus computes these entries from "
-                   "the record only, so the CRC disagrees with a Cyrus peer (the XOR even cancels "
-                   "the real savedate share when the values are equal). It should be refused "
-                   "(UsageError) or ignored.")
 def test_virtual_annotation_entries_do_not_count_twice(store):
     store.create_mailbox("u", "INBOX")
     rec = store.append("u", "INBOX", b"x")

@@ -69,10 +69,6 @@ def test_map_growth_through_the_store(store_path, monkeypatch):
     store.close()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: after another process grew the LMDB map, this "
-                   "process's next read transaction fails with lmdb.MapResizedError: "
-                   "Database.read (unlike write, which grows first) does not adopt the new size "
-                   "(env.set_mapsize(0)) and retry.")
 def test_read_after_another_process_grew_the_map(store_path, monkeypatch):
     monkeypatch.setattr(engine.db, "INITIAL_MAP_SIZE", 1 * MIB)
     store = Store.init(store_path)

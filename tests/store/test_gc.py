@@ -259,12 +259,6 @@ def test_gc_then_append_of_a_collected_body(store):
     assert verify_store(store).ok
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (data loss): gc._rewrite_packs releases the pack's "
-                   "flock (lock.close() in the finally) before remove_pack unlinks it. A writer "
-                   "process starting in that window takes the pack over (_reuse_pack: it has room "
-                   "and nobody holds it), commits a message into it, and the unlink then deletes "
-                   "the committed body. The pack should be unlinked while the lock is held, and "
-                   "_reuse_pack should check after locking that the file is still linked.")
 def test_writer_taking_over_a_pack_while_gc_removes_it(store_path):
     store = Store.init(store_path)
     store.create_mailbox(U, "INBOX")
