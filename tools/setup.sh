@@ -12,9 +12,10 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[test]'
 
-# Real peers for interop tests, from Debian's packages.
+# Real peers for interop tests and benchmarks, from Debian's packages.
 #   dovecot-core: doveadm reads and writes Maildirs (tests/test_dovecot_interop.py)
-DEB_PACKAGES="dovecot-core"
+#   restic: the backup benchmark's peer (tools/benchmarks/backup.py)
+DEB_PACKAGES="dovecot-core restic"
 if [ "${MODSYNC_SKIP_APT:-}" != "1" ] && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
     missing=""
     for p in $DEB_PACKAGES; do

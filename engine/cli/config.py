@@ -33,6 +33,8 @@ KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "init.compression_level": ((int,), "init --compression-level"),
     "gc.retention_days": ((int, float), "gc --retention"),
     "verify.blobs": ((bool,), "verify --no-blobs"),
+    "backup.append_only": ((bool,), "backup --append-only"),
+    "backup.level": ((int,), "backup --level"),
 }
 PATH_KEYS = ("store", "log_file")
 
