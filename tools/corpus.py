@@ -254,7 +254,7 @@ class _Pools:
 # How people with these names spell their mail addresses.
 _ASCII_FOLD = str.maketrans({"ä": "ae", "ö": "oe", "ü": "ue", "ß": "ss", "é": "e", "è": "e",
                              "ë": "e", "ï": "i", "ç": "c", "ø": "o", "å": "a", "ł": "l",
-                             "ñ": "n", "á": "a", "ó": "o"})
+                             "ñ": "n", "á": "a", "ó": "o", "í": "i"})
 
 
 @functools.cache
