@@ -828,7 +828,11 @@ class Store:
         self.mutate(user, fn)
 
     def set_quota(self, user: str, root: str, limits: dict | None) -> None:
-        """Set the limits of a quota root ({"STORAGE": KiB, "MESSAGE": n}); None removes it."""
+        """Set the limits of a quota root ({"STORAGE": KiB, "MESSAGE": n}); None removes it.
+
+        A root is a mailbox name ("" for the user's whole tree), canonical as one.
+        """
+        root = names.mailbox(root) if root else ""
         for k, v in (limits or {}).items():
             if k not in ("STORAGE", "MESSAGE") or not isinstance(v, int) or v < 0:
                 raise UsageError(f"bad quota limit {k}={v!r}: use STORAGE=<KiB> or MESSAGE=<count>")

@@ -16,7 +16,7 @@ from ..errors import EXIT_REJECTED, NoSuchUser, UsageError
 from ..store import Store
 from ..sync import sync_stores
 from .options import add_user, add_verb
-from .output import human_size, plural
+from .output import error_line, human_size, plural
 
 STATE_DOC = """\
 print a token describing a user's state in this store
@@ -141,7 +141,10 @@ def run_apply(ctx) -> int | None:
     data = result.as_dict() | {"file": ctx.args.file, "origin": header.origin,
                                "counter_diff": counter}
     ctx.out.emit(data, _describe(result, ctx.args.file, counter), ok=result.ok)
-    return EXIT_REJECTED if result.status == "rejected" else None
+    if result.status == "rejected":
+        error_line(f"{ctx.args.file} rejected ({result.code}): {result.reason}")
+        return EXIT_REJECTED
+    return None
 
 
 def _describe(result: ApplyResult, path: str, counter: dict | None) -> str:
@@ -165,6 +168,8 @@ def run_sync(ctx) -> int | None:
     peer = Store.open(ctx.args.peer)
     try:
         users = [ctx.args.user] if ctx.args.user else None
+        if users and not any(users[0] in s.users() for s in (store, peer)):
+            raise NoSuchUser(f"neither store has a user {users[0]!r}", subject=users[0])
         reports = sync_stores(store, peer, users, allow_mass_delete=ctx.args.allow_mass_delete)
     finally:
         peer.close()
@@ -173,4 +178,8 @@ def run_sync(ctx) -> int | None:
                  lambda: ctx.out.table(["USER", "STEPS", "CONVERGED", "DIGEST"], [
                      [r.user, ", ".join(f"{d} {s}" for d, s, _ in r.steps),
                       "yes" if r.converged else "NO", r.digest] for r in reports]), ok=ok)
-    return None if ok else EXIT_REJECTED
+    if not ok:
+        error_line("the stores did not converge: " + ", ".join(
+            r.user for r in reports if not r.converged))
+        return EXIT_REJECTED
+    return None

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from .. import uidset
 from ..errors import NoSuchMessage, UsageError
 from ..model import SYSTEM_FLAGS
-from .options import add_mailbox, add_user, add_verb
+from .options import MAX_NUMBER, add_mailbox, add_user, add_verb
 from .output import plural
 
 log = logging.getLogger("modsync.cli")
@@ -154,6 +154,8 @@ def check_flags(flags) -> list[str]:
 def parse_internaldate(text: str) -> int:
     """Epoch seconds, or ISO 8601 (a time without an offset is UTC)."""
     if text.isdigit():
+        if int(text) > MAX_NUMBER:
+            raise UsageError(f"internaldate {text!r} is too large")
         return int(text)
     try:
         dt = datetime.fromisoformat(text)

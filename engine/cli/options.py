@@ -126,7 +126,13 @@ def nonnegative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if n < 0:
         raise argparse.ArgumentTypeError(f"{text} is negative")
+    if n > MAX_NUMBER:
+        raise argparse.ArgumentTypeError(f"{text} is too large (at most 2^63-1)")
     return n
+
+
+# Modseqs, dates and limits are 63-bit in the store (msgpack signed 64-bit).
+MAX_NUMBER = (1 << 63) - 1
 
 
 # -- logging ----------------------------------------------------------------------

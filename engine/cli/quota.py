@@ -1,7 +1,8 @@
 """``modsync quota set|delete|list``."""
 from __future__ import annotations
 
-from ..errors import NoSuchObject, UsageError
+from .. import names
+from ..errors import UsageError
 from .options import add_user, add_verb, nonnegative_int
 from .output import human_size
 
@@ -59,21 +60,23 @@ def set_(ctx) -> None:
     if not limits:
         raise UsageError("quota set needs --storage KIB and/or --messages N "
                          "(`modsync quota delete` removes a root)")
-    ctx.store().set_quota(ctx.user, ctx.args.root, limits)
+    root = _canonical(ctx.args.root)
+    ctx.store().set_quota(ctx.user, root, limits)
     shown = ", ".join(f"{k} {v}" for k, v in limits.items())
-    ctx.out.note({"user": ctx.user, "root": ctx.args.root, "limits": limits},
-                 f"quota root {_root_label(ctx.args.root)} of {ctx.user}: {shown}")
+    ctx.out.note({"user": ctx.user, "root": root, "limits": limits},
+                 f"quota root {_root_label(root)} of {ctx.user}: {shown}")
+
+
+def _canonical(root: str) -> str:
+    """A quota root is a mailbox name ("" for the whole tree), canonical like one."""
+    return names.mailbox(root) if root else ""
 
 
 def delete(ctx) -> None:
-    store = ctx.store()
-    # The store would record a tombstone even for a root that never existed.
-    if not any(q["root"] == ctx.args.root for q in store.quota(ctx.user)):
-        raise NoSuchObject(f"user {ctx.user!r} has no quota root "
-                           f"{_root_label(ctx.args.root)}", subject=ctx.args.root)
-    store.set_quota(ctx.user, ctx.args.root, None)
-    ctx.out.note({"user": ctx.user, "root": ctx.args.root},
-                 f"deleted quota root {_root_label(ctx.args.root)} of {ctx.user}")
+    root = _canonical(ctx.args.root)
+    ctx.store().set_quota(ctx.user, root, None)   # NoSuchObject if there is none
+    ctx.out.note({"user": ctx.user, "root": root},
+                 f"deleted quota root {_root_label(root)} of {ctx.user}")
 
 
 def list_(ctx) -> None:

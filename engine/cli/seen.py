@@ -7,7 +7,7 @@ import logging
 from .. import uidset
 from ..errors import UsageError
 from .options import add_verb, nonnegative_int
-from .output import human_time
+from .output import PROG, human_time
 
 log = logging.getLogger("modsync.cli")
 
@@ -42,7 +42,9 @@ def register(subparsers, parents) -> None:
     p.add_argument("--uid", metavar="SET", help="the UIDs read, e.g. 1:40,42")
     p.add_argument("--lastuid", type=nonnegative_int, default=0, metavar="N",
                    help="the last UID the reader has seen arrive (default 0)")
-    actions = p.add_subparsers(dest="action", metavar="ACTION", title="actions")
+    # The custom usage above would otherwise become the prefix of `seen list`'s usage.
+    actions = p.add_subparsers(dest="action", metavar="ACTION", title="actions",
+                               prog=f"{PROG} seen")
     lp = add_verb(actions, parents, "list", list_, LIST_DOC)
     lp.add_argument("-u", "--user", metavar="USER", default=argparse.SUPPRESS,
                     help="the reader")

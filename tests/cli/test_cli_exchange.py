@@ -151,8 +151,6 @@ def test_no_merge_rejects_when_the_receiver_changed(synced, scratch):
     assert digest(a) == digest(b)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a rejected apply (exit 3) prints no "
-                   "'modsync: error:' line on stderr, unlike every other failure")
 def test_a_rejected_apply_ends_with_an_error_line(synced, scratch):
     a, b = synced
     token_b = state(b)
@@ -291,8 +289,6 @@ def test_sync_text(pair):
     assert lines[1].split()[0] == "alice" and " yes " in lines[1]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `sync -u USER` with a user neither store has "
-                   "reports converged (exit 0, empty digest) instead of no-such-user")
 def test_sync_an_unknown_user(pair):
     a, b = pair
     r = run("sync", "--store", a, "--peer", b, "-u", "alcie", "--json")

@@ -255,9 +255,6 @@ def test_quiet_json_still_writes_the_object(alice):
 TOO_BIG = str(2 ** 64)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: numbers past what the store can hold (2**64) are "
-                   "accepted by the parser and fail later as 'internal error' (exit 1), "
-                   "not as usage errors (exit 2)")
 @pytest.mark.parametrize("argv, stdin", [
     (["save", "-u", "alice", "-m", "INBOX", "--internaldate", TOO_BIG], b"m"),
     (["changes", "-u", "alice", "--since", TOO_BIG], b""),

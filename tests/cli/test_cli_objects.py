@@ -251,8 +251,6 @@ def test_quota_refusals(alice, argv, code, error):
     assert (r.code, r.json["error"]) == (code, error)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: quota roots skip mailbox-name canonicalisation: "
-                   "root `inbox` stays `inbox`, and its usage counts nothing of INBOX")
 def test_quota_root_inbox_is_canonical(alice):
     assert ok("quota", "set", "-u", "alice", "inbox", "--messages", "10",
               "--json").json["root"] == "INBOX"
@@ -260,8 +258,6 @@ def test_quota_root_inbox_is_canonical(alice):
     assert root["usage"]["MESSAGE"] == 3
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a quota root that no mailbox name could be "
-                   "(a//b) is stored instead of refused as an invalid name")
 def test_quota_root_must_be_a_possible_mailbox_name(alice):
     r = run("quota", "set", "-u", "alice", "a//b", "--messages", "10", "--json")
     assert r.code == 2 and r.json["error"] == "invalid-name"

@@ -80,9 +80,6 @@ def test_every_command_has_help_with_its_usage():
             assert "--json" in r.out      # the global options are listed after the verb
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `seen list`'s parser takes its prog from the custom "
-                   "usage of `seen`, so its usage line and the JSON `command` of its usage errors "
-                   "hold the whole `seen` usage text")
 def test_seen_list_usage_names_the_command():
     r = run("seen", "list", "--help")
     assert r.out.startswith("usage: modsync seen list [-h]")
