@@ -640,10 +640,8 @@ def _merge_tombstones(ctx: _Context, mb: Mailbox, local: Record, theirs: Record,
         # copies, and the tombstone that stays says "expunged", so copies that
         # arrive later are caught too.
         expunged, moved = (theirs, local) if local.moved_to else (local, theirs)
-        for uid2 in moved.moved_to:
-            copy = m.record(mb, uid2)
-            if copy is not None and not copy.stamp.removed and copy.address == expunged.address:
-                ctx.expunge(mb, copy)
+        for copy in _copies(m, mb, moved.moved_to, expunged.address):
+            ctx.expunge(mb, copy)
         if expunged is local:
             ctx.restamp(local, mb, item)
         elif _key(item.origin, item.origin_modseq) > ctx.key_of(local.stamp):
@@ -654,6 +652,23 @@ def _merge_tombstones(ctx: _Context, mb: Mailbox, local: Record, theirs: Record,
         return
     if _key(item.origin, item.origin_modseq) > ctx.key_of(local.stamp):
         _take(ctx, mb, theirs, local, item, fetched)
+
+
+def _copies(m: Mutation, mb: Mailbox, uids, address: bytes) -> list[Record]:
+    """Live copies of the message with address at uids, following moves of moves."""
+    out, todo, seen = [], list(uids), set()
+    while todo:
+        uid = todo.pop()
+        if uid in seen:
+            continue
+        seen.add(uid)
+        rec = m.record(mb, uid)
+        if rec is None or rec.address != address and not rec.moved_to:
+            continue
+        if not rec.stamp.removed and rec.address == address:
+            out.append(rec)
+        todo.extend(rec.moved_to)
+    return out
 
 
 def _expunged_here(rec: Record | None, address: bytes) -> bool:
@@ -734,11 +749,15 @@ def _renumber(ctx: _Context) -> None:
                 new.uid = nxt
                 new.mailbox = mb.num
                 new.stamp = Stamp()
-                new.renumbered_from, new.moved_to = uid, ()
+                # A copy of a copy still names the UID the message first stood at.
+                new.renumbered_from, new.moved_to = rec.renumbered_from or uid, ()
                 moved_to.append(nxt)
                 nxt += 1
                 m.put_record(mb, new, None)
                 ctx.written += 1
+                if _expunged_here(m.record(mb, new.renumbered_from), new.address):
+                    ctx.expunge(mb, new)   # expunged at its first UID meanwhile
+                    ctx.expunged -= 1
             # The old UID ends expunged, newer than either version that stood there,
             # and says where its messages went.
             old = local.copy()
