@@ -35,6 +35,7 @@ TABLES = (
     "sha1",      # SHA-1 of a body -> blake3 address (Cyrus names bodies by SHA-1)
     "intents",   # user|peer -> pending replication intents (used by push)
     "accounts",  # login name -> account (password hash, rights); not replicated
+    "csync",     # Cyrus interop's own view of mailboxes it replicates (engine/csync/state.py)
 )
 
 # 1 GiB of address space to start: LMDB's file grows only as pages are used,

@@ -15,7 +15,10 @@ fi
 # Real peers for interop tests and benchmarks, from Debian's packages.
 #   dovecot-core: doveadm reads and writes Maildirs (tests/test_dovecot_interop.py)
 #   restic: the backup benchmark's peer (tools/benchmarks/backup.py)
-DEB_PACKAGES="dovecot-core restic"
+#   cyrus-*, sasl2-bin, libsasl2-*: a real Cyrus IMAP 3.6 master and replica
+#     (tests/csync, tools/benchmarks/cyrus.py); policy-rc.d keeps apt from
+#     starting the system's own daemons, the tests start their own
+DEB_PACKAGES="dovecot-core restic cyrus-imapd cyrus-common cyrus-replication sasl2-bin libsasl2-modules libsasl2-modules-db"
 if [ "${MODSYNC_SKIP_APT:-}" != "1" ] && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
     missing=""
     for p in $DEB_PACKAGES; do
@@ -23,7 +26,13 @@ if [ "${MODSYNC_SKIP_APT:-}" != "1" ] && [ "$(id -u)" = "0" ] && command -v apt-
     done
     if [ -n "$missing" ]; then
         echo "installing Debian packages:$missing" >&2
+        made_policy=""
+        if [ ! -e /usr/sbin/policy-rc.d ]; then
+            printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+            made_policy=1
+        fi
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+        [ -n "$made_policy" ] && rm -f /usr/sbin/policy-rc.d
     fi
 fi
