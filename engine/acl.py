@@ -35,7 +35,18 @@ from dataclasses import dataclass
 from . import names
 from .changeset import ChangeSet
 from .errors import EXIT_REJECTED, ModsyncError, NoSuchUser
-from .model import ACL, ANNOTATION, KIND_NAMES, MAILBOX, RECORD, U32, U64, AclEntry, Mailbox, Record
+from .model import (
+    ACL,
+    ANNOTATION,
+    KIND_NAMES,
+    MAILBOX,
+    RECORD,
+    U32,
+    U64,
+    AclEntry,
+    Mailbox,
+    Record,
+)
 from .mutation import object_key
 from .store import IX_NAME, IX_UNIQUEID
 

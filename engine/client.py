@@ -13,8 +13,8 @@ import select
 import socket
 import ssl
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from . import protocol as P
 from .changeset import ChangeSet
@@ -166,7 +166,7 @@ class Client:
             return False
         try:
             data = self.sock.recv(256 * 1024)
-        except socket.timeout:
+        except TimeoutError:
             raise Disconnected(f"{self.address} sent nothing for {self.timeout:g} s "
                                f"(stalled)") from None
         except (OSError, ssl.SSLError) as e:

@@ -73,7 +73,13 @@ from dlist.model import LIST, LITERAL, Line
 from . import errors
 from .changeset import ChangeSet, Item
 from .wire import (
-    WireError, check_vv, fields_node, header_fields, header_from_fields, item_node, node_fields,
+    WireError,
+    check_vv,
+    fields_node,
+    header_fields,
+    header_from_fields,
+    item_node,
+    node_fields,
     node_item,
 )
 
@@ -393,7 +399,7 @@ HELLO, AUTH, READY, CLOSED = "hello", "auth", "ready", "closed"
 class _ChangeSetStream:
     """Checks one change set in one direction: counts, body order, size ceiling."""
 
-    __slots__ = ("expected", "items", "listed", "body", "body_size", "body_off", "bytes", "limit")
+    __slots__ = ("body", "body_off", "body_size", "bytes", "expected", "items", "limit", "listed")
 
     def __init__(self, n_items: int, bodies, limit: int):
         self.expected = n_items
@@ -791,9 +797,36 @@ def _list(versions) -> str:
 
 
 __all__ = [
-    "PROTOCOL_VERSIONS", "ProtocolError", "Connection", "changeset_events",
-    "Hello", "Welcome", "Auth", "Ok", "No", "Bye", "ListUsers", "Users", "GetState", "State",
-    "Push", "Pull", "Result", "Ack", "Locked", "Follow", "Unfollow", "Changed", "Lock",
-    "Unlock", "Logout", "ChangeSetStart", "Items", "Body", "Bodies", "ChangeSetEnd",
-    "ConnectionClosed", "Item",
+    "PROTOCOL_VERSIONS",
+    "Ack",
+    "Auth",
+    "Bodies",
+    "Body",
+    "Bye",
+    "ChangeSetEnd",
+    "ChangeSetStart",
+    "Changed",
+    "Connection",
+    "ConnectionClosed",
+    "Follow",
+    "GetState",
+    "Hello",
+    "Item",
+    "Items",
+    "ListUsers",
+    "Lock",
+    "Locked",
+    "Logout",
+    "No",
+    "Ok",
+    "ProtocolError",
+    "Pull",
+    "Push",
+    "Result",
+    "State",
+    "Unfollow",
+    "Unlock",
+    "Users",
+    "Welcome",
+    "changeset_events",
 ]

@@ -32,9 +32,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import msgpack
 
@@ -165,7 +165,7 @@ class PeerUser:
         return _pack([self.vv, self.acked_modseq, self.acked_ms, self.error, self.error_ms])
 
     @classmethod
-    def unpack(cls, b: bytes) -> "PeerUser":
+    def unpack(cls, b: bytes) -> PeerUser:
         v = _unpack(b)
         return cls(dict(v[0]), v[1], v[2], v[3], v[4])
 
@@ -187,7 +187,7 @@ class PeerInfo:
                       self.software, self.version])
 
     @classmethod
-    def unpack(cls, peer_id: str, direction: str, raw: bytes) -> "PeerInfo":
+    def unpack(cls, peer_id: str, direction: str, raw: bytes) -> PeerInfo:
         v = _unpack(raw)
         return cls(peer_id, direction, v[0], v[1], v[2], v[3], v[4], v[5])
 
@@ -401,18 +401,19 @@ def authorize_push(store: Store, account, cs: ChangeSet) -> None:
 
 
 def receive_push(store: Store, account, cs: ChangeSet, bodies, *,
-                 allow_mass_delete: bool = False) -> ApplyResult:
+                 allow_mass_delete: bool = False, acknowledged: bool = False) -> ApplyResult:
     """Authorise and apply a pushed change set.
 
     From an admin or the user's own account: no merge here, so a concurrent
     change rejects it with our changes as the counter (the sender merges
-    and sends again).  From another account, which sees only the mailboxes
-    the ACLs show it and so can never hold the user's whole state: merged
-    here, by the same rules.
+    and sends again).  Merged here, by the same rules, when it was already
+    ``acknowledged`` (received or durable: a promise to apply it) and when
+    it comes from another account, which sees only the mailboxes the ACLs
+    show it and so can never hold the user's whole state.
     """
     authorize_push(store, account, cs)
     full_view = account.admin or account.name == cs.user
-    return apply(store, cs, bodies=bodies, merge=not full_view,
+    return apply(store, cs, bodies=bodies, merge=acknowledged or not full_view,
                  allow_mass_delete=allow_mass_delete)
 
 
@@ -614,11 +615,16 @@ class Pusher:
     def push_once(self, users: list[str] | None = None, *, retries: int = 3) -> PassReport:
         """Push ``users`` (default: every user) once, reconnecting after a broken
         connection up to ``retries`` times; a locked user is reported, not waited for."""
-        todo = list(users if users is not None else self.store.users())
+        have = set(self.store.users())
+        todo = list(users if users is not None else sorted(have))
         report = PassReport()
         failures = 0
         delay = RECONNECT
         while todo:
+            if todo[0] not in have:
+                report.outcomes.append(UserOutcome(todo.pop(0), "error",
+                                                   "no such user in this store"))
+                continue
             try:
                 out = self.push_user(todo[0])
             except (Disconnected, ProtocolError) as e:
@@ -638,8 +644,9 @@ class Pusher:
     def drain(self, users: list[str] | None = None, *, timeout: float = 60.0) -> DrainReport:
         """Push until the replica has everything or ``timeout`` passes, then check with it."""
         deadline = time.monotonic() + timeout
-        users = list(users if users is not None else self.store.users())
-        pending = list(users)
+        have = set(self.store.users())
+        users = list(users if users is not None else sorted(have))
+        pending = [u for u in users if u in have]     # a user we lack has nothing to send
         last: dict[str, UserOutcome] = {}
         pause = NO_PROGRESS_PAUSE
         while pending and time.monotonic() < deadline:
@@ -882,8 +889,26 @@ class Puller:
 
 
 __all__ = [
-    "Intent", "read_intents", "read_intents_at", "PeerBook", "PeerInfo", "PeerUser",
-    "list_peers", "UserLock", "is_locked", "receive_push", "changes_for", "visible_users",
-    "Pusher", "Puller", "DrainReport", "PassReport", "UserOutcome", "queue_changeset",
-    "dequeue", "replay_queue", "local_only_ranges", "record_local_only",
+    "DrainReport",
+    "Intent",
+    "PassReport",
+    "PeerBook",
+    "PeerInfo",
+    "PeerUser",
+    "Puller",
+    "Pusher",
+    "UserLock",
+    "UserOutcome",
+    "changes_for",
+    "dequeue",
+    "is_locked",
+    "list_peers",
+    "local_only_ranges",
+    "queue_changeset",
+    "read_intents",
+    "read_intents_at",
+    "receive_push",
+    "record_local_only",
+    "replay_queue",
+    "visible_users",
 ]

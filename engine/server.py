@@ -36,8 +36,17 @@ from .apply import LegalityError
 from .client import parse_address
 from .errors import FullSyncNeeded, ModsyncError, NoSuchUser, UsageError
 from .replication import (
-    UserLock, WATCH_INTERVAL, changes_for, dequeue, is_locked, local_state, queue_changeset,
-    read_intents_at, receive_push, replay_queue, visible_users,
+    WATCH_INTERVAL,
+    UserLock,
+    changes_for,
+    dequeue,
+    is_locked,
+    local_state,
+    queue_changeset,
+    read_intents_at,
+    receive_push,
+    replay_queue,
+    visible_users,
 )
 from .store import Store
 from .wire import BodySpool, Incoming
@@ -179,7 +188,7 @@ class Server:
 
     async def _start_csync(self, text: str) -> str:
         try:
-            import engine.csync as csync
+            from engine import csync
         except ImportError as e:
             raise UsageError(f"--csync needs the Cyrus replication module engine.csync, which "
                              f"this modsync does not have ({e})") from None
@@ -307,7 +316,7 @@ class Session:
             wait = self.server.settings.stall_timeout if stalled else timeout
             try:
                 data = await asyncio.wait_for(self.reader.read(READ_SIZE), wait)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if stalled:
                     where = "a change set" if self.conn.receiving_changeset else "a frame"
                     raise Cutoff("stalled", f"sent nothing for {wait:g} s in the middle of {where}")
@@ -597,7 +606,8 @@ class Session:
                                                                self.account.name == user))
             t0 = time.monotonic()
             result = await asyncio.to_thread(receive_push, self.store, self.account, cs,
-                                             spool.get, allow_mass_delete=mass)
+                                             spool.get, allow_mass_delete=mass,
+                                             acknowledged=ev.ack != "applied")
             log.info("%s (%s): push of %s: %s, %d items, %d bodies (%.1f MB) received in "
                      "%.3f s, applied in %.3f s", self.peer, self.account.name, user,
                      result.status, len(cs.items), len(cs.bodies), spool.total / 1e6,

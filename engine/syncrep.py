@@ -36,8 +36,8 @@ import asyncio
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from . import protocol as P
 from .client import Client, client_tls_context, parse_address

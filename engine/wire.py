@@ -41,7 +41,8 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from dlist.model import KVLIST, LIST, LITERAL, NIL_TOKEN
 
@@ -91,7 +92,17 @@ def to_node(v: Any):
     if t is bytes:
         return (LITERAL, v)
     if t is list or t is tuple:
-        return (LIST, *map(to_node, v))
+        out = [LIST]
+        append = out.append
+        for x in v:
+            tx = type(x)
+            if tx is int:
+                append(b"%d" % x)
+            elif tx is bytes:
+                append((LITERAL, x))
+            else:
+                append(to_node(x))
+        return tuple(out)
     if t is bool:
         return _TRUE if v else _FALSE
     if v is None:
@@ -121,7 +132,26 @@ def from_node(n: Any, depth: int = 0):
             if depth >= MAX_VALUE_DEPTH:
                 raise WireError(f"value nested deeper than {MAX_VALUE_DEPTH} levels")
             d = depth + 1
-            return [from_node(x, d) for x in n[1:]]
+            out = []
+            append = out.append
+            for x in n[1:]:
+                # The common scalars inline (a change set is mostly these); the
+                # rest, and anything unusual, through from_node.
+                tx = type(x)
+                if tx is bytes and x:
+                    c = x[0]
+                    if c == 34 and len(x) > 1 and x[-1] == 34 and x.count(b'"') == 2 \
+                            and b"\\" not in x:
+                        append(x[1:-1].decode("utf-8", "surrogateescape"))
+                        continue
+                    if 48 <= c <= 57 and len(x) <= 20 and x.isdigit():
+                        append(int(x))
+                        continue
+                elif tx is tuple and len(x) == 2 and x[0] == LITERAL and type(x[1]) is bytes:
+                    append(x[1])
+                    continue
+                append(from_node(x, d))
+            return out
         if tag == LITERAL and len(n) == 2 and type(n[1]) is bytes:
             return n[1]
         if tag == KVLIST and len(n) & 1:

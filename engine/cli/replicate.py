@@ -215,7 +215,7 @@ def _push_csync(ctx) -> int | None:
     if not a.users or len(a.users) != 1:
         raise UsageError("--csync pushes one user: give --user U")
     try:
-        import engine.csync as csync
+        from engine import csync
     except ImportError as e:
         raise UsageError(f"--csync needs the Cyrus replication module engine.csync, which "
                          f"this modsync does not have ({e})") from None

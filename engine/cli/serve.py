@@ -10,8 +10,15 @@ from pathlib import Path
 from .. import protocol as P
 from ..errors import UsageError
 from ..server import (
-    AUTH_DELAY, AUTH_FAILURES, AUTH_WINDOW, HELLO_TIMEOUT, IDLE_TIMEOUT, SHUTDOWN_GRACE,
-    STALL_TIMEOUT, ServerSettings, serve,
+    AUTH_DELAY,
+    AUTH_FAILURES,
+    AUTH_WINDOW,
+    HELLO_TIMEOUT,
+    IDLE_TIMEOUT,
+    SHUTDOWN_GRACE,
+    STALL_TIMEOUT,
+    ServerSettings,
+    serve,
 )
 from . import config as config_mod
 from .options import add_verb
