@@ -32,9 +32,8 @@ def test_status_shows_each_peer(new_store, serve, cli, pwfile):
     assert peer["last_contact"] and peer["last_error"] is None
     alice = next(u for u in peer["users"] if u["user"] == "alice")
     assert alice["queued"] and alice["modseqs_behind"] == 1
-    # --json carries the same view under "peers" (not yet in status.schema.json, which
-    # the CLI owns: see docs/replication.md).
-    data = json.loads(cli("status", "--store", a, "--json", check_schema=False).out)
+    # --json carries the same view under "peers", checked against status.schema.json.
+    data = json.loads(cli("status", "--store", a, "--json", check_schema=True).out)
     assert data["peers"][0]["users_queued"] == 1
     assert cli("push", "--store", a, "--to", srv.address, *auth(pwfile)).code == 0
     with Store.open(a) as s:
@@ -54,7 +53,7 @@ def test_status_shows_each_peer(new_store, serve, cli, pwfile):
 def test_status_without_peers_is_unchanged(new_store, cli):
     a = new_store("a")
     fill(a, "alice", 1)
-    data = json.loads(cli("status", "--store", a, "--json", check_schema=False).out)
+    data = json.loads(cli("status", "--store", a, "--json", check_schema=True).out)
     assert "peers" not in data
 
 
