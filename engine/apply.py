@@ -134,11 +134,14 @@ def apply(store: Store, cs: ChangeSet, *, bodies=None, merge: bool = False,
         return ApplyResult("nothing", user, encode_token(user, local_vv))
     _check_order(cs)
     fetched = _fetch_bodies(store, cs, bodies)
+    # Compress the new bodies now, on every core, before taking the writer lock.
+    packed = dict(zip(fetched, store.blobs.compress_many(list(fetched.values()))))
     # Lamport: whatever we write now is newer than everything we received.
     lamport = max([cs.max_modseq, *cs.state.values()]) + 1
 
     def run(m: Mutation) -> int:
         ctx = _Context(store, m, cs, local_vv, concurrent)
+        ctx.packed = packed
         _apply_items(ctx, fetched)
         if not concurrent:
             _check_claims(ctx)
@@ -219,6 +222,7 @@ class _Context:
         self.expunged = 0                                # our live messages removed
         self.live_before = 0
         self.written = 0
+        self.packed: dict = {}                           # address -> compressed body
         for k, v in m.txn.prefix("objects", m.user.prefix + MAILBOX):
             mb = Mailbox.unpack(k[5:], v)
             if not mb.stamp.removed:
@@ -729,7 +733,8 @@ def _need_body(ctx: _Context, rec: Record, fetched: dict) -> None:
         if sha1_of(data) != rec.sha1:
             raise LegalityError("body-hash-mismatch", f"body {rec.address.hex()}: SHA-1 does "
                                 f"not match the record's", subject=rec.address.hex())
-        ctx.store.put_body(ctx.m.txn, data, rec.address, rec.sha1)
+        ctx.store.put_body(ctx.m.txn, data, rec.address, rec.sha1,
+                           packed=ctx.packed.get(rec.address))
     elif ctx.m.txn.get("blobs", rec.address) is None:
         raise LegalityError("body-missing", f"the body {rec.address.hex()} of a new message is "
                             f"neither here nor in the change set", subject=rec.address.hex())
