@@ -14,6 +14,7 @@ It knows tables and transactions, nothing about mail.  Its promises:
 """
 from __future__ import annotations
 
+import gc
 import os
 from contextlib import contextmanager
 from typing import Callable, Iterator, TypeVar
@@ -227,6 +228,11 @@ class Database:
         return self.env.info()["last_txnid"]
 
     def close(self) -> None:
+        # py-lmdb waits, in close(), for every transaction of this environment
+        # to end; one kept alive only by a reference cycle (an exception's
+        # traceback in another thread, say) would wait for a garbage collection
+        # that cannot run meanwhile.  Collect first.
+        gc.collect()
         self.env.close()
 
     def size_bytes(self) -> int:

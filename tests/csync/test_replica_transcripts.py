@@ -101,7 +101,9 @@ def session(store):
     s = ReplicaSession(store, "replica.test")
     r = s.handle(Line("AUTHENTICATE", text=b"PLAIN " + base64.b64encode(b"\0repl\0replpw")))
     assert r.status.text == b"Success (no protection)"
-    return s
+    yield s
+    # Ends the session as EXIT would: its body writer finishes before the store closes.
+    s.close()
 
 
 def status(reply) -> str:
