@@ -124,6 +124,9 @@ def test_serve_csync_listener(new_store, fake_csync):
 
 def test_csync_missing_is_a_clear_error(new_store, cli, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "engine.csync", None)     # import fails
+    # ... also when an earlier test imported it (the package keeps an attribute).
+    import engine
+    monkeypatch.delattr(engine, "csync", raising=False)
     a = new_store("a")
     pw = tmp_path / "pw"
     pw.write_text("x\n")
