@@ -8,8 +8,8 @@ is a tombstone.  The store's one write path (``engine.store``) treats all
 kinds alike; this module only says how each is keyed, encoded and digested.
 
 Values are msgpack arrays (not maps): positional fields decode three times
-faster and take a third less space (../shared figures, reproduced in
-tools/bench).  The layout is versioned by ``schemas/store-v1.md``.
+faster and take a third less space (measured on this project's machines
+with msgpack 1.x).  The layout is versioned by ``schemas/store-v1.md``.
 """
 from __future__ import annotations
 

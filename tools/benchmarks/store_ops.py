@@ -8,7 +8,7 @@ Figures:
   runs, each into a new store, as messages/s, MB/s and CPU µs per message.
   Target 10,000 messages/s, the figure the import issue asks for (the
   per-core ceiling measured for hash + compress + two LMDB puts is
-  16-18k/s, /work/shared/reference/peers-and-limits.md §F.2).
+  16-18k/s on one core of this machine kind).
 * ``changes_since`` returning 100 changes, on a user with 1,000 and one
   with 100,000 messages (each in a store of its own, so the bigger one also
   has the deeper B-trees), median of many calls, and the ratio of the two.
