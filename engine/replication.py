@@ -503,32 +503,30 @@ class DrainReport:
         return not self.left
 
 
-class Pusher:
-    """Pushes one store's users to one replica.  ``connect()`` returns a logged-in Client."""
+class _PeerLink:
+    """One connection to a peer, opened on demand, and the peer's book in our store."""
+
+    direction = ""   # "push" or "pull": which book the peer is kept in
 
     def __init__(self, store: Store, connect: Callable[[], Client], *, address: str,
-                 ack: str = "applied", allow_mass_delete: bool = False,
-                 on_ack: Callable[[str, str, int], None] | None = None):
+                 allow_mass_delete: bool = False):
         self.store = store
         self._connect = connect
         self.address = address
-        self.ack = ack
         self.allow_mass_delete = allow_mass_delete
-        self.on_ack = on_ack
         self.client: Client | None = None
         self.book: PeerBook | None = None
 
-    # -- connection --------------------------------------------------------------
     def connection(self) -> Client:
         if self.client is None:
             try:
                 self.client = self._connect()
             except (Disconnected, RemoteError) as e:
-                record_connection_error(self.store, "push", self.address, str(e))
+                record_connection_error(self.store, self.direction, self.address, str(e))
                 raise
             peer = self.client.peer_id or "@" + self.address
             if self.book is None or self.book.peer_id != peer:
-                self.book = PeerBook(self.store, "push", peer, self.address)
+                self.book = PeerBook(self.store, self.direction, peer, self.address)
             self.book.contact(software=self.client.peer_software, version=self.client.version)
         return self.client
 
@@ -542,6 +540,19 @@ class Pusher:
         if self.client is not None:
             self.client._close_socket()
             self.client = None
+
+
+class Pusher(_PeerLink):
+    """Pushes one store's users to one replica.  ``connect()`` returns a logged-in Client."""
+
+    direction = "push"
+
+    def __init__(self, store: Store, connect: Callable[[], Client], *, address: str,
+                 ack: str = "applied", allow_mass_delete: bool = False,
+                 on_ack: Callable[[str, str, int], None] | None = None):
+        super().__init__(store, connect, address=address, allow_mass_delete=allow_mass_delete)
+        self.ack = ack
+        self.on_ack = on_ack
 
     # -- one user ------------------------------------------------------------------
     def push_user(self, user: str) -> UserOutcome:
@@ -746,40 +757,10 @@ class Pusher:
 
 
 # -- pulling --------------------------------------------------------------------------------------
-class Puller:
+class Puller(_PeerLink):
     """Pulls users from one master into a local store.  The master keeps no record of us."""
 
-    def __init__(self, store: Store, connect: Callable[[], Client], *, address: str,
-                 allow_mass_delete: bool = False):
-        self.store = store
-        self._connect = connect
-        self.address = address
-        self.allow_mass_delete = allow_mass_delete
-        self.client: Client | None = None
-        self.book: PeerBook | None = None
-
-    def connection(self) -> Client:
-        if self.client is None:
-            try:
-                self.client = self._connect()
-            except (Disconnected, RemoteError) as e:
-                record_connection_error(self.store, "pull", self.address, str(e))
-                raise
-            peer = self.client.peer_id or "@" + self.address
-            if self.book is None or self.book.peer_id != peer:
-                self.book = PeerBook(self.store, "pull", peer, self.address)
-            self.book.contact(software=self.client.peer_software, version=self.client.version)
-        return self.client
-
-    def drop(self) -> None:
-        if self.client is not None:
-            self.client._close_socket()
-            self.client = None
-
-    def disconnect(self) -> None:
-        if self.client is not None:
-            self.client.close()
-            self.client = None
+    direction = "pull"
 
     def pull_user(self, user: str) -> UserOutcome:
         """Fetch ``user``'s changes since our own state and merge them in."""
