@@ -29,6 +29,7 @@ import secrets
 import struct
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,8 +47,29 @@ METHOD_RAW = 1                       # incompressible bodies are stored as they 
 # collection stays a bounded amount of work.
 PACK_TARGET_SIZE = 256 << 20
 DEFAULT_LEVEL = 3
-# Below this many bodies, thread start-up costs more than parallel compression saves.
+# Below this many bodies, handing work to another thread costs more than it saves.
 PARALLEL_MIN = 16
+
+
+def _pool():
+    """Threads that compress batches for every BlobStore of the process (one per core).
+
+    Each runs ``multi_compress_to_buffer`` on a whole chunk: one call that
+    releases the GIL for the chunk, so compression runs beside the Python
+    bookkeeping of the main thread.  Per-body ``compress`` calls from a worker
+    would wait for the GIL after every body, and zstd's own threads gain
+    nothing on mail-sized frames (measured: tools/benchmarks/store_ops.py).
+    """
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
+                                       thread_name_prefix="modsync-zstd")
+        return _POOL
+
+
+_POOL = None
+_POOL_LOCK = threading.Lock()
 
 
 def address_of(data: bytes) -> bytes:
@@ -96,9 +118,43 @@ class BlobStore:
     # -- writing ------------------------------------------------------------
     def compress_many(self, datas: list[bytes]) -> list[tuple[int, bytes]]:
         """(method, payload) for each body, compressed on all cores for large batches."""
+        return self.compress_many_async(datas).result()
+
+    def compress_many_async(self, datas: list[bytes]) -> "Future[list[tuple[int, bytes]]]":
+        """Start compressing datas on the compression threads; the future gives
+        what ``compress_many`` returns.  The caller may go on with other work
+        (the next batch's reading, the previous batch's commit) meanwhile."""
         if len(datas) < PARALLEL_MIN:
-            return [self._choose(d, self._compressor.compress(d)) for d in datas]
-        out = self._compressor.multi_compress_to_buffer(datas, threads=-1)
+            done: Future = Future()
+            done.set_result([self._choose(d, self._compressor.compress(d)) for d in datas])
+            return done
+        pool = _pool()
+        n = max(1, min(pool._max_workers, len(datas) // PARALLEL_MIN))
+        step = -(-len(datas) // n)
+        parts = [pool.submit(self._compress_chunk, datas[i:i + step])
+                 for i in range(0, len(datas), step)]
+        joined: Future = Future()
+        remaining = [len(parts)]
+        lock = threading.Lock()
+
+        def one_done(_f):
+            with lock:
+                remaining[0] -= 1
+                if remaining[0]:
+                    return
+            try:
+                joined.set_result([x for f in parts for x in f.result()])
+            except BaseException as e:       # surfaced by joined.result()
+                joined.set_exception(e)
+        for f in parts:
+            f.add_done_callback(one_done)
+        return joined
+
+    def _compress_chunk(self, datas: list[bytes]) -> list[tuple[int, bytes]]:
+        cctx = getattr(self._local, "cctx", None)
+        if cctx is None:   # a compressor serves one thread at a time
+            cctx = self._local.cctx = zstandard.ZstdCompressor(level=self.level)
+        out = cctx.multi_compress_to_buffer(datas, threads=1)
         return [self._choose(d, out[i].tobytes()) for i, d in enumerate(datas)]
 
     @staticmethod

@@ -540,8 +540,10 @@ def import_maildir(store: Store, user: str, path: str | os.PathLike, *,
                 into.offer(body, flags_from_letters(_split_name(fname)[1], keywords), mtime)
             into.finish()
         _import_subscriptions(root, run)
-    finally:
-        run.progress.finish()
+    except BaseException:
+        run.close(failing=True)
+        raise
+    run.close()
     return run.report
 
 

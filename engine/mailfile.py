@@ -23,9 +23,12 @@ non-ASCII letter in it, say) is left off and the message imported without
 it; the report names each such keyword once per folder (or mbox file), with
 the number of messages that had it.
 
-Batching.  Messages are appended with ``Store.append_many`` in batches of
-``BATCH_MESSAGES`` messages or ``BATCH_BYTES`` bytes, whichever is reached
-first: each batch is one transaction, made durable once.  A batch is all or
+Batching.  Messages are appended in batches of ``BATCH_MESSAGES`` messages
+or ``BATCH_BYTES`` bytes, whichever is reached first: each batch is one
+transaction, made durable once.  A batch's bodies are compressed on other
+threads (``Store.prepare_append``) while the batch before it commits and the
+next one is read, and committed on a writer thread
+(``engine.bulk.BulkAppender``).  A batch is all or
 nothing, so an interrupted import never leaves half a message (or half a
 batch) behind; what was committed is skipped by the rule above next time.
 """
@@ -38,6 +41,7 @@ from dataclasses import dataclass, field
 from . import names
 from .blobs import address_of
 from .errors import NoSuchUser
+from .bulk import BulkAppender
 from .model import validate_flags
 from .progress import Progress
 from .store import Message, Store
@@ -125,6 +129,32 @@ class ImportRun:
             self._mailboxes = set()   # create_mailbox creates the user
         self._subscriptions: set[str] | None = None   # read when first needed
         self._flag_cache: dict[tuple, tuple[tuple[str, ...], list[str]]] = {}
+        self._appender: BulkAppender | None = None   # started with the first batch
+
+    @property
+    def appender(self) -> BulkAppender:
+        if self._appender is None:
+            self._appender = BulkAppender(self.store, self.user, on_commit=self._committed)
+        return self._appender
+
+    def _committed(self, mailbox: str, records: list) -> None:
+        self.report.imported += len(records)
+        self.report.bytes += sum(r.size for r in records)
+
+    def close(self, *, failing: bool = False) -> None:
+        """Wait for every batch to commit and end the progress display.
+
+        Raises what stopped a batch (a full disk, say), unless ``failing``:
+        then the caller is already raising an error of its own.
+        """
+        try:
+            if self._appender is not None:
+                self._appender.close()
+        except Exception:
+            if not failing:
+                raise
+        finally:
+            self.progress.finish()
 
     def into(self, mailbox: str, source: str | os.PathLike) -> MailboxImport:
         """Start importing into mailbox, creating it if it is missing.
@@ -133,6 +163,8 @@ class ImportRun:
         report names for flags left off.
         """
         mailbox = names.mailbox(mailbox)
+        if self._appender is not None:
+            self._appender.wait()    # what the mailbox holds decides what is skipped
         if mailbox not in self._mailboxes:
             self.store.create_mailbox(self.user, mailbox)
             self._mailboxes.add(mailbox)
@@ -187,9 +219,13 @@ class MailboxImport:
         Flags the store would refuse are left off (one odd keyword must not
         cost the message, or its batch) and reported by ``finish``.
         """
-        address = address_of(body)
-        if self._present[address] > 0:
+        # Hash only when there is something to skip: a first import into an
+        # empty mailbox leaves that to the store.
+        address = address_of(body) if self._present else None
+        if address is not None and self._present[address] > 0:
             self._present[address] -= 1
+            if not self._present[address]:
+                del self._present[address]
             self.run.report.skipped += 1
         else:
             flags, dropped = self.run.storable_flags(flags)
@@ -204,7 +240,11 @@ class MailboxImport:
         self.run.progress.advance(1, len(body))
 
     def finish(self) -> None:
-        """Append what is pending; report the flags left off, once each."""
+        """Hand over what is pending; report the flags left off, once each.
+
+        The last batches commit on the run's writer thread: ``ImportRun.close``
+        waits for them.
+        """
         self._flush()
         for why, n in self._dropped.items():
             self.run.report.refuse(self.source, f"{why}; left off {n} message(s), which were "
@@ -214,8 +254,6 @@ class MailboxImport:
     def _flush(self) -> None:
         if not self._pending:
             return
-        self.run.store.append_many(self.run.user, self.mailbox, self._pending)
-        self.run.report.imported += len(self._pending)
-        self.run.report.bytes += self._pending_bytes
+        self.run.appender.append(self.mailbox, self._pending)
         self._pending = []
         self._pending_bytes = 0

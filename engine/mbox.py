@@ -177,8 +177,10 @@ def _import_messages(mm, path: str, mailbox: str, run: ImportRun) -> None:
             body = _message(mm, body_start, end)
             into.offer(body, flags_from_headers(body), date)
         into.finish()
-    finally:
-        run.progress.finish()
+    except BaseException:
+        run.close(failing=True)
+        raise
+    run.close()
 
 
 def import_mbox(store: Store, user: str, path: str | os.PathLike, mailbox: str, *,

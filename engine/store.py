@@ -24,6 +24,7 @@ import os
 import secrets
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -89,6 +90,15 @@ class Message:
     address: bytes | None = None    # blake3 of body, if the caller computed it already
 
 
+@dataclass(slots=True)
+class PreparedAppend:
+    """Messages checked and hashed by ``Store.prepare_append``, bodies being compressed."""
+
+    messages: list          # (Message, address, sha1, flags)
+    missing: list           # addresses of the bodies the store lacked when prepared
+    compressed: Future      # -> (method, payload) per missing body, in that order
+
+
 ACL_RIGHTS = "lrswipkxtecdan0123456789"
 
 
@@ -100,10 +110,20 @@ def _address(msg: Message) -> bytes:
 
 
 def _flags(flags) -> tuple:
+    flags = tuple(flags)
+    hit = _FLAGS_SEEN.get(flags)
+    if hit is not None:
+        return hit
     try:
-        return validate_flags(flags)
+        hit = validate_flags(flags)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if len(_FLAGS_SEEN) < 4096:   # a mail store has few distinct flag sets
+        _FLAGS_SEEN[flags] = hit
+    return hit
+
+
+_FLAGS_SEEN: dict[tuple, tuple] = {}
 
 
 def _check_entry(entry: str) -> None:
@@ -583,23 +603,36 @@ class Store:
 
     def append_many(self, user: str, mailbox: str, messages: Iterable[Message]) -> list[Record]:
         """Append messages in one mutation (one modseq, one fsync), in order."""
-        mailbox = names.mailbox(mailbox)
+        return self.append_prepared(user, mailbox, self.prepare_append(messages))
+
+    def prepare_append(self, messages: Iterable[Message]) -> "PreparedAppend":
+        """Check and hash messages and start compressing the bodies this store lacks.
+
+        Compression runs on other threads while the caller goes on; hand the
+        result to ``append_prepared``.  Bulk importers prepare batch N+1
+        before committing batch N, so that compressing one batch overlaps
+        the bookkeeping of the other.
+        """
         prepared = [(msg, _address(msg), sha1_of(msg.body), _flags(msg.flags))
                     for msg in messages]
-        # Compress the bodies we lack before taking the writer lock, on every
-        # core: compression is most of an import's cost.
         with self.db.read() as txn:
-            missing = [p for p in prepared if txn.get("blobs", p[1]) is None]
-        packed = dict(zip((p[1] for p in missing),
-                          self.blobs.compress_many([p[0].body for p in missing])))
+            missing = {p[1]: p[0].body for p in prepared if txn.get("blobs", p[1]) is None}
+        return PreparedAppend(prepared, list(missing),
+                              self.blobs.compress_many_async(list(missing.values())))
+
+    def append_prepared(self, user: str, mailbox: str, batch: "PreparedAppend") -> list[Record]:
+        """Append a batch from ``prepare_append`` in one mutation; see ``append_many``."""
+        mailbox = names.mailbox(mailbox)
+        packed = dict(zip(batch.missing, batch.compressed.result()))
 
         def fn(m: Mutation) -> list[Record]:
             mb = m.mailbox_by_name(mailbox)
             out = []
-            for msg, address, sha1, flags in prepared:
+            now = int(time.time())
+            for msg, address, sha1, flags in batch.messages:
                 self.put_body(m.txn, msg.body, address, sha1, packed.get(address))
                 rec = Record(mb.uidnext, address, sha1, len(msg.body),
-                             int(time.time()) if msg.internaldate is None else int(msg.internaldate),
+                             now if msg.internaldate is None else int(msg.internaldate),
                              savedate=m.now, flags=flags,
                              createdmodseq=m.modseq, annotations=tuple(sorted(msg.annotations)))
                 m.put_record(mb, rec, None)

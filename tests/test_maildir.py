@@ -556,15 +556,15 @@ def maildir_2500(tmp_path_factory) -> tuple[Path, list[bytes]]:
 
 
 def spy_batches(store: Store, monkeypatch) -> list:
+    """(mailbox, messages, bytes) of each batch the import commits, in commit order."""
     calls = []
-    real = store.append_many
+    real = store.append_prepared
 
-    def spy(user, mailbox, messages):
-        messages = list(messages)
-        calls.append((mailbox, len(messages), sum(len(m.body) for m in messages)))
-        assert all(m.address is not None for m in messages)   # hashed by the importer
-        return real(user, mailbox, messages)
-    monkeypatch.setattr(store, "append_many", spy)
+    def spy(user, mailbox, batch):
+        bodies = [m.body for m, *_ in batch.messages]
+        calls.append((mailbox, len(bodies), sum(map(len, bodies))))
+        return real(user, mailbox, batch)
+    monkeypatch.setattr(store, "append_prepared", spy)
     return calls
 
 
@@ -597,12 +597,12 @@ from engine.maildir import import_maildir
 
 store = Store.open(sys.argv[1])
 batches = 0
-real_append, real_write = store.append_many, store.db.write
+real_append, real_write = store.append_prepared, store.db.write
 
-def append_many(user, mailbox, messages):
+def append_prepared(user, mailbox, batch):
     global batches
     batches += 1
-    return real_append(user, mailbox, messages)
+    return real_append(user, mailbox, batch)
 
 def write(fn, **kw):
     def run(txn):
@@ -613,7 +613,7 @@ def write(fn, **kw):
         return result
     return real_write(run, **kw)
 
-store.append_many, store.db.write = append_many, write
+store.append_prepared, store.db.write = append_prepared, write
 import_maildir(store, "alice", sys.argv[2])
 print("finished", flush=True)
 """

@@ -254,9 +254,9 @@ def test_reimport_adds_nothing_and_duplicates_stay(store, tmp_path):
 
 def test_batches(store, tmp_path, monkeypatch):
     calls = []
-    real = store.append_many
-    monkeypatch.setattr(store, "append_many",
-                        lambda u, mb, msgs: calls.append(len(msgs)) or real(u, mb, msgs))
+    real = store.append_prepared
+    monkeypatch.setattr(store, "append_prepared",
+                        lambda u, mb, b: calls.append(len(b.messages)) or real(u, mb, b))
     data = b"".join(FROM + b"Subject: %d\n\nbody\n\n" % i for i in range(2300))
     report = import_mbox(store, U, write(tmp_path, data), "INBOX")
     assert report.imported == 2300 and calls == [1000, 1000, 300]
