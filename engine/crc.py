@@ -43,22 +43,27 @@ def flags_crc(flags) -> int:
 
 def record_basic(uid: int, modseq: int, last_updated: int, flags, internaldate: int,
                  sha1: bytes) -> int:
-    line = "%u %u %d (%u) %d %s" % (uid, modseq, last_updated, flags_crc(flags),
-                                    internaldate, sha1.hex())
-    return _crc(line.encode())
+    return zlib.crc32(b"%d %d %d (%d) %d %s" % (uid, modseq, last_updated, flags_crc(flags),
+                                                internaldate, sha1.hex().encode()))
 
 
 def annotation_crc(uid: int, entry: str, userid: str, value: bytes) -> int:
     return _crc(("%u %s %s " % (uid, entry, userid)).encode() + value)
 
 
+# The lines of the two virtual annotations every record has (see annotation_crc:
+# "uid entry userid value" with an empty userid), formatted in one step.
+_SAVEDATE_LINE = b"%d " + SAVEDATE.encode() + b"  %d"
+_CREATEDMODSEQ_LINE = b"%d " + CREATEDMODSEQ.encode() + b"  %d"
+
+
 def record_annot(uid: int, savedate: int, createdmodseq: int, annotations) -> int:
     """A record's share of SYNC_CRC_ANNOT: virtual annotations plus its own."""
     c = 0
     if savedate:
-        c ^= annotation_crc(uid, SAVEDATE, "", str(savedate).encode())
+        c ^= zlib.crc32(_SAVEDATE_LINE % (uid, savedate))
     if createdmodseq:
-        c ^= annotation_crc(uid, CREATEDMODSEQ, "", str(createdmodseq).encode())
+        c ^= zlib.crc32(_CREATEDMODSEQ_LINE % (uid, createdmodseq))
     for entry, userid, value in annotations:
         c ^= annotation_crc(uid, entry, userid, value)
     return c

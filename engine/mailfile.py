@@ -27,8 +27,7 @@ Batching.  Messages are appended in batches of ``BATCH_MESSAGES`` messages
 or ``BATCH_BYTES`` bytes, whichever is reached first: each batch is one
 transaction, made durable once.  A batch's bodies are compressed on other
 threads (``Store.prepare_append``) while the batch before it commits and the
-next one is read, and committed on a writer thread
-(``engine.bulk.BulkAppender``).  A batch is all or
+next one is read (``engine.bulk.BulkAppender``).  A batch is all or
 nothing, so an interrupted import never leaves half a message (or half a
 batch) behind; what was committed is skipped by the rule above next time.
 """
@@ -142,17 +141,17 @@ class ImportRun:
         self.report.bytes += sum(r.size for r in records)
 
     def close(self, *, failing: bool = False) -> None:
-        """Wait for every batch to commit and end the progress display.
+        """Commit the last batch and end the progress display.
 
-        Raises what stopped a batch (a full disk, say), unless ``failing``:
-        then the caller is already raising an error of its own.
+        With ``failing`` (the caller is raising an error of its own) the last
+        batch handed over is dropped instead: a re-run imports it.
         """
         try:
             if self._appender is not None:
-                self._appender.close()
-        except Exception:
-            if not failing:
-                raise
+                if failing:
+                    self._appender.abandon()
+                else:
+                    self._appender.close()
         finally:
             self.progress.finish()
 
@@ -242,8 +241,8 @@ class MailboxImport:
     def finish(self) -> None:
         """Hand over what is pending; report the flags left off, once each.
 
-        The last batches commit on the run's writer thread: ``ImportRun.close``
-        waits for them.
+        The last batch commits with the next one handed over, or at
+        ``ImportRun.close``.
         """
         self._flush()
         for why, n in self._dropped.items():

@@ -39,12 +39,14 @@ def xor16(a: bytes, b: bytes) -> bytes:
 class UserRecord:
     """Per-user counters: number (key prefix), modseq, tombstone horizon, digest, versions."""
 
-    __slots__ = ("name", "num", "modseq", "horizon", "digest", "created", "versions", "expired")
+    __slots__ = ("name", "num", "modseq", "horizon", "digest", "created", "versions", "expired",
+                 "prefix")
 
     def __init__(self, name, num, modseq=0, horizon=0, digest=DIGEST_ZERO, created=0,
                  versions=None, expired=None):
         self.name = name
         self.num = num
+        self.prefix = U32.pack(num)     # every key of the user's objects starts with it
         self.modseq = modseq
         self.horizon = horizon
         self.digest = digest
@@ -64,10 +66,6 @@ class UserRecord:
         v = unpackb(b)
         return cls(name, v[0], v[1], v[2], v[3], v[4], {int(k): n for k, n in v[5].items()},
                    {int(k): n for k, n in v[6].items()})
-
-    @property
-    def prefix(self) -> bytes:
-        return U32.pack(self.num)
 
 
 def object_key(user: UserRecord, kind: bytes, key: bytes) -> bytes:

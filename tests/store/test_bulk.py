@@ -1,8 +1,7 @@
-"""engine.bulk.BulkAppender: batches commit in order, one transaction each, and an
-error in the writer stops the later batches and reaches the caller."""
+"""engine.bulk.BulkAppender: batches commit in order, one transaction each, one
+batch behind the caller; an error committing a batch stops the later ones and
+reaches the caller."""
 from __future__ import annotations
-
-import threading
 
 import pytest
 
@@ -47,37 +46,42 @@ def test_a_failed_batch_stops_the_later_ones_and_is_raised(store, monkeypatch):
         return real(user, mailbox, prepared)
     monkeypatch.setattr(store, "append_prepared", failing)
     bulk = BulkAppender(store, U)
+    bulk.append("INBOX", batch(10, "b0"))
+    bulk.append("INBOX", batch(10, "b1"))       # commits b0
     with pytest.raises(ModsyncError, match="disk full"):
-        for i in range(5):
-            bulk.append("INBOX", batch(10, f"b{i}"))
-        bulk.close()
-    with pytest.raises(ModsyncError, match="disk full"):   # closing again says the same
-        bulk.close()
-    # The first batch is in; nothing after the failed one was committed.
+        bulk.append("INBOX", batch(10, "b2"))   # committing b1 fails
+    with pytest.raises(RuntimeError, match="after an error"):
+        bulk.append("INBOX", batch(10, "b3"))
+    bulk.close()                                # nothing left to commit
     assert len(store.records(U, "INBOX")) == 10
     assert calls == [10, 10]
 
 
-def test_wait_returns_once_everything_handed_over_is_committed(store):
+def test_batches_commit_one_behind_and_wait_commits_the_last(store):
     store.create_mailbox(U, "INBOX")
-    gate = threading.Event()
-    real = store.append_prepared
+    bulk = BulkAppender(store, U)
+    bulk.append("INBOX", batch(3, "x"))
+    assert store.records(U, "INBOX") == []
+    bulk.append("INBOX", batch(2, "y"))
+    assert len(store.records(U, "INBOX")) == 3
+    bulk.wait()
+    assert len(store.records(U, "INBOX")) == 5
+    bulk.close()
 
-    def slow(user, mailbox, prepared):
-        gate.wait(10)
-        return real(user, mailbox, prepared)
-    store.append_prepared = slow
-    with BulkAppender(store, U) as bulk:
-        bulk.append("INBOX", batch(3, "x"))
-        assert store.records(U, "INBOX") == []
-        gate.set()
-        bulk.wait()
-        assert len(store.records(U, "INBOX")) == 3
+
+def test_abandon_drops_the_last_batch_handed_over(store):
+    store.create_mailbox(U, "INBOX")
+    with pytest.raises(KeyError):
+        with BulkAppender(store, U) as bulk:
+            bulk.append("INBOX", batch(3, "x"))
+            bulk.append("INBOX", batch(4, "y"))
+            raise KeyError("the caller fails")
+    assert len(store.records(U, "INBOX")) == 3
 
 
 def test_append_after_close_is_refused(store):
     store.create_mailbox(U, "INBOX")
     bulk = BulkAppender(store, U)
     bulk.close()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="closed"):
         bulk.append("INBOX", batch(1, "late"))
