@@ -62,23 +62,39 @@ class LogProgress(Progress):
 
 
 class BarProgress(Progress):
-    """A tqdm bar on stderr."""
+    """A tqdm bar on stderr, redrawn at most ``interval`` seconds apart.
+
+    ``advance`` runs once per message of an import: it only adds numbers
+    until the next redraw is due, so the bar costs nothing measurable.
+    """
+
+    interval = 0.1
 
     def start(self, label, total_items=None, total_bytes=None):
         from tqdm import tqdm
         self.bar = tqdm(total=total_items, desc=label, unit="msg", file=sys.stderr,
-                        dynamic_ncols=True, leave=True)
+                        dynamic_ncols=True, leave=True, mininterval=self.interval)
         self.bytes = 0
-        self.t0 = time.monotonic()
+        self.pending = 0
+        self.t0 = self.next = time.monotonic()
 
     def advance(self, items=1, nbytes=0):
         self.bytes += nbytes
-        self.bar.update(items)
-        dt = max(time.monotonic() - self.t0, 1e-9)
+        self.pending += items
+        now = time.monotonic()
+        if now >= self.next:
+            self._draw(now)
+
+    def _draw(self, now):
+        self.next = now + self.interval
+        dt = max(now - self.t0, 1e-9)
         self.bar.set_postfix_str(f"{self.bytes / 1e6:.1f} MB, {self.bytes / 1e6 / dt:.1f} MB/s",
                                  refresh=False)
+        self.bar.update(self.pending)
+        self.pending = 0
 
     def finish(self):
+        self._draw(time.monotonic())
         self.bar.close()
 
 
