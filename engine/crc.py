@@ -9,6 +9,8 @@ annotations of mailbox minor version 17.
 """
 from __future__ import annotations
 
+import binascii
+import functools
 import zlib
 
 CRC_INIT_BASIC = 0
@@ -29,6 +31,12 @@ def _crc(b: bytes) -> int:
 
 def flags_crc(flags) -> int:
     """XOR of the CRCs of a record's flag names, lower-cased as Cyrus does."""
+    if type(flags) is tuple:
+        return _tuple_flags_crc(flags)   # a mailbox's records share a handful of flag sets
+    return _flags_crc(flags)
+
+
+def _flags_crc(flags) -> int:
     f = 0
     for name in flags:
         low = name.lower()
@@ -41,10 +49,13 @@ def flags_crc(flags) -> int:
     return f
 
 
+_tuple_flags_crc = functools.lru_cache(maxsize=4096)(_flags_crc)
+
+
 def record_basic(uid: int, modseq: int, last_updated: int, flags, internaldate: int,
                  sha1: bytes) -> int:
     return zlib.crc32(b"%d %d %d (%d) %d %s" % (uid, modseq, last_updated, flags_crc(flags),
-                                                internaldate, sha1.hex().encode()))
+                                                internaldate, binascii.hexlify(sha1)))
 
 
 def annotation_crc(uid: int, entry: str, userid: str, value: bytes) -> int:

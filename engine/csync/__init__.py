@@ -12,8 +12,8 @@ Modules: ``mapping`` (names, ACLs, quota roots, sieve messages),
 ``state`` (csync's own table: what Cyrus knows that modsync does not),
 ``view`` (the Cyrus view of modsync mailboxes), ``replica`` (the server
 state machine), ``protocol`` (framing and DEFLATE, no I/O), ``server``
-(asyncio), ``client`` (blocking socket), ``master`` (push), ``serve``
-(``python -m engine.csync.serve`` until ``modsync serve --csync`` exists).
+(asyncio; ``modsync serve --csync``), ``client`` (blocking socket), ``master``
+(push), ``serve`` (``python -m engine.csync.serve``: a csync-only server).
 """
 from __future__ import annotations
 

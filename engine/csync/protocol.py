@@ -56,6 +56,11 @@ class Connection:
     def next_line(self) -> Line | None:
         return self.parser.next_line()
 
+    @property
+    def inside_line(self) -> bool:
+        """Whether the peer is in the middle of sending a line (see Parser.inside_line)."""
+        return self.parser.inside_line
+
     # -- sending ----------------------------------------------------------------------------------
     def send(self, lines, bodies=None) -> bytes:
         """The bytes for ``lines`` (one Line or several), compressed when compression is on."""

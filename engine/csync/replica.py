@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import logging
@@ -45,7 +46,7 @@ from dlist.model import wrap, string_node
 from ..accounts import check_password
 from ..blobs import Location, address_of
 from ..errors import ModsyncError
-from ..model import (QUOTA, SEEN, SIEVE, SUBSCRIPTION, U32, U64, AclEntry, Annotation,
+from ..model import (QUOTA, RECORD, SEEN, SIEVE, SUBSCRIPTION, U32, U64, AclEntry, Annotation,
                      Mailbox, QuotaRoot, Record, SeenSet, SieveScript, Stamp, Subscription,
                      normalize_flags, unpackb)
 from ..mutation import Mutation
@@ -185,14 +186,46 @@ class ReplicaSession:
     # -- dispatch ----------------------------------------------------------------------------
     def handle(self, line: Line) -> Reply:
         """Answer one command line."""
+        # APPLY MAILBOX waits for the bodies itself, once it has decoded its
+        # records (which overlaps with the last bodies being stored).
         if self._pending and not (line.verb.upper() == "APPLY" and line.is_dlist
-                                  and line.key.upper() in ("MESSAGE", "RESERVE")):
-            try:
-                self.flush()
-            except Exception as e:     # the bodies were not stored: like a failed upload
-                log.error("csync: storing uploaded bodies failed: %s", e)
-                return no("UNKNOWN")
+                                  and line.key.upper() in ("MESSAGE", "RESERVE", "MAILBOX")):
+            failed = self._flush_or_fail()
+            if failed is not None:
+                return failed
         return self._handle(line)
+
+    def answers_at_once(self, line: Line) -> bool:
+        """Whether ``handle(line)`` neither reads nor writes the store (so need not wait).
+
+        The session's housekeeping commands (COMPRESS, NOOP, RESTART, EXIT,
+        APPLY CAPABILITIES) while no uploaded bodies are being stored, and a
+        PLAIN login whose check is remembered: a server can answer these on
+        its event loop instead of handing them to a thread.
+        """
+        if self._pending or self._sasl_mech is not None:
+            return False
+        verb = line.verb.upper()
+        if self.userid is None:
+            # A login checked a moment ago (sync_client connects for every run)
+            # is a lookup, not an scrypt computation.
+            words = (line.text or b"").split() if verb == "AUTHENTICATE" else ()
+            if len(words) != 2 or words[0].upper() != b"PLAIN":
+                return False
+            creds = _plain_credentials(words[1])
+            return creds is not None and bool(creds[1]) and \
+                _remembered(self.store, creds[1], creds[2])[2] is not None
+        if line.is_dlist:
+            return verb == "APPLY" and line.key.upper() == "CAPABILITIES"
+        return verb in ("COMPRESS", "NOOP", "RESTART", "EXIT")
+
+    def _flush_or_fail(self) -> Reply | None:
+        try:
+            self.flush()
+        except Exception as e:     # the bodies were not stored: like a failed upload
+            log.error("csync: storing uploaded bodies failed: %s", e)
+            return no("UNKNOWN")
+        return None
 
     def flush(self) -> None:
         """Wait until every body received so far is in the store (raises its error, if any)."""
@@ -303,13 +336,10 @@ class ReplicaSession:
         return self._plain(raw.strip())
 
     def _plain(self, b64: bytes) -> Reply:
-        try:
-            data = b"" if b64 == b"=" else base64.b64decode(b64, validate=True)
-            authzid, authcid, password = data.split(b"\0")
-            authzid_s, authcid_s = authzid.decode(), authcid.decode()
-            password_s = password.decode()
-        except (ValueError, binascii.Error, UnicodeDecodeError):
+        creds = _plain_credentials(b64)
+        if creds is None:
             return Reply([], Line("NO", text="Error reading client response: bad PLAIN response"))
+        authzid_s, authcid_s, password_s = creds
         account = _check_password(self.store, authcid_s, password_s) if authcid_s else None
         if account is None or (authzid_s and authzid_s != authcid_s and not account.admin):
             return Reply([], Line("NO", text="authentication failure"))
@@ -733,35 +763,35 @@ class ReplicaSession:
         if self.stats is not None:
             self.stats.files += len(bodies)
             self.stats.file_bytes += sum(len(d) for _, d in bodies)
-        for sha1, _ in bodies:
-            self.reserved.add(sha1)
-            self._pending_guids.add(sha1)
         # At most two batches in flight: memory stays bounded, the pipe full.
         while len(self._pending) >= 2:
             self._pending.pop(0).result()
-        if self._writer is None:
-            from concurrent.futures import ThreadPoolExecutor
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="csync-bodies")
-        self._pending.append(self._writer.submit(self._store_bodies, bodies))
+        todo: dict[bytes, bytes] = {}    # the bodies neither stored nor on their way
+        with self.store.db.read() as txn:
+            for sha1, data in bodies:
+                if (sha1 not in todo and sha1 not in self._pending_guids
+                        and txn.get("sha1", sha1) is None):
+                    todo[sha1] = data
+        for sha1, _ in bodies:
+            self.reserved.add(sha1)
+            self._pending_guids.add(sha1)
+        if todo:
+            # Compression starts now, on the store's compression threads, while
+            # the writer may still be storing the previous batch.
+            packed = self.store.blobs.compress_many_async(list(todo.values()))
+            if self._writer is None:
+                from concurrent.futures import ThreadPoolExecutor
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="csync-bodies")
+            self._pending.append(self._writer.submit(self._store_bodies, todo, packed))
         return ok()
 
-    def _store_bodies(self, bodies: list[tuple[bytes, bytes]]) -> None:
-        """Write bodies the store lacks, in one transaction, compressed on every core."""
-        if not bodies:
-            return
+    def _store_bodies(self, todo: dict[bytes, bytes], packed) -> None:
+        """Write bodies (sha1 -> body) in one transaction, once ``packed`` has compressed them."""
         store = self.store
-        with store.db.read() as txn:
-            todo = {}
-            for sha1, data in bodies:
-                if sha1 not in todo and txn.get("sha1", sha1) is None:
-                    todo[sha1] = data
-        if not todo:
-            return
         items = [(address_of(d), s, d) for s, d in todo.items()]
-        packed = store.blobs.compress_many([d for _, _, d in items])
 
         def fn(txn):
-            for (address, sha1, data), p in zip(items, packed):
+            for (address, sha1, data), p in zip(items, packed.result()):
                 store.put_body(txn, data, address, sha1, p)
         with store._lock:
             store.db.write(fn, before_commit=store.blobs.sync)
@@ -794,7 +824,12 @@ class ReplicaSession:
     def _apply_mailbox(self, value) -> Reply:
         if not isinstance(value, KvList):
             raise CsyncNo("IMAP_PROTOCOL_BAD_PARAMETERS")
-        inc = _IncomingMailbox.parse(value, self.sieve_mailbox)
+        try:
+            inc = _IncomingMailbox.parse(value, self.sieve_mailbox)
+        finally:
+            failed = self._flush_or_fail() if self._pending else None
+        if failed is not None:
+            return failed
         try:
             cn = mapping.parse_name(inc.mboxname)
         except mapping.NameError_ as e:
@@ -1346,24 +1381,28 @@ class _MailboxApply:
             if inc.last_uid < hdr.last_uid and not force:
                 return "IMAP_SYNC_CHECKSUM"
 
-        # First pass: read only.
+        # First pass: read only.  Stored records are looked at as field lists.
+        stored = state.MailboxRecords(txn, hdr.uniqueid)
         plan = []
         last = 0
         for rec in inc.records:
             if rec.uid <= last:
                 raise CsyncNo("IMAP_PROTOCOL_ERROR", "RECORD not in ascending UID order")
             last = rec.uid
-            local = None if created else state.get_record(txn, hdr.uniqueid, rec.uid)
+            local = None if created else stored.fields(rec.uid)
             if local is not None:
-                if rec.expunged and local.expunged:
+                if rec.expunged and local[state.F_EXPUNGED]:
                     continue
-                if rec.guid != local.guid:
+                if rec.guid != local[state.F_GUID]:
                     return "IMAP_SYNC_CHECKSUM"
-                if local.modseq > rec.modseq and not force:
+                if local[state.F_MODSEQ] > rec.modseq and not force:
                     return "IMAP_SYNC_CHECKSUM"
-                if local.expunged and not rec.expunged:
+                if local[state.F_EXPUNGED] and not rec.expunged:
                     return "IMAP_SYNC_CHECKSUM"
-                plan.append((rec, local))
+                rec.msm = local[state.F_MSM]
+                if rec.fields() == local[:state.F_CRCS]:
+                    continue    # sent again as it is here (a full update): nothing to do
+                plan.append((rec, stored.crcs(rec.uid, local)))
             elif rec.uid <= hdr.last_uid:
                 if not rec.expunged:
                     return "IMAP_SYNC_CHECKSUM"
@@ -1374,8 +1413,8 @@ class _MailboxApply:
             raise CsyncNo("IMAP_PROTOCOL_ERROR", "RECORD with UID above LAST_UID")
         # Bodies of new live messages must be here before anything is written.
         addresses = {}
-        for rec, local in plan:
-            if local is None and not rec.expunged and rec.guid not in addresses:
+        for rec, old_shares in plan:
+            if old_shares is None and not rec.expunged and rec.guid not in addresses:
                 address = txn.get("sha1", rec.guid)
                 if address is None:
                     raise CsyncNo("UNKNOWN", f"no body for {rec.guid.hex()}: upload it first")
@@ -1386,18 +1425,18 @@ class _MailboxApply:
         if mb is not None:
             self._modsync_folder(hdr, mb)
         basic, annot = hdr.crc_basic, hdr.crc_annot
-        for rec, local in plan:
-            if local is not None:
-                b, a = local.crcs()
-                basic ^= b
-                annot ^= a
-                rec.msm = local.msm
-            b, a = rec.crcs()
-            basic ^= b
-            annot ^= a
+        # A mailbox made just now has no records to look up.
+        fresh = created and mb is not None and mb.uidnext == 1
+        for rec, old_shares in plan:
+            if old_shares is not None:
+                basic ^= old_shares[0]
+                annot ^= old_shares[1]
+            shares = rec.crcs()
+            basic ^= shares[0]
+            annot ^= shares[1]
             if mb is not None:
-                self._modsync_record(mb, rec, local, addresses.get(rec.guid))
-            state.put_record(txn, hdr.uniqueid, rec)
+                self._modsync_record(mb, rec, addresses.get(rec.guid), fresh)
+            stored.put(rec, shares)
         hdr.crc_basic, hdr.crc_annot = basic, annot
         if mb is not None:
             if mb.uidnext <= inc.last_uid:
@@ -1503,13 +1542,16 @@ class _MailboxApply:
             if (e, u) not in want_ann:
                 _set_modsync_annotation(m, mb, e, u, None)
 
-    def _modsync_record(self, mb: Mailbox, rec: CyrusRecord, local: CyrusRecord | None,
-                        address: bytes | None) -> None:
+    def _modsync_record(self, mb: Mailbox, rec: CyrusRecord, address: bytes | None,
+                        fresh: bool) -> None:
+        """Make the modsync record what Cyrus's record says (``fresh``: mb has no records)."""
         m = self.m
-        cur = m.record(mb, rec.uid)
-        anns = tuple(sorted((e, u, bytes(v)) for e, u, _m, v in rec.annotations))
-        flags = normalize_flags(rec.flags)
-        if cur is None:
+        key = mb.key() + U32.pack(rec.uid)
+        raw = None if fresh else m.get_raw(RECORD, key)
+        anns = tuple(sorted((e, u, bytes(v)) for e, u, _m, v in rec.annotations)
+                     ) if rec.annotations else ()
+        flags = _normalized_flags(rec.flags)
+        if raw is None:
             if address is None:
                 address = self.txn.get("sha1", rec.guid)
             if address is None:
@@ -1520,6 +1562,7 @@ class _MailboxApply:
             m.put_record(mb, new, None, last_updated=rec.last_updated)
             rec.msm = new.stamp.modseq
             return
+        cur = Record.unpack(key, raw)
         if cur.stamp.removed:
             rec.msm = cur.stamp.modseq
             return
@@ -1528,7 +1571,7 @@ class _MailboxApply:
                 and cur.last_updated == rec.last_updated):
             rec.msm = cur.stamp.modseq
             return
-        old = cur.copy()
+        old = Record.unpack(key, raw)
         cur.flags = flags
         cur.annotations = anns
         cur.internaldate = rec.internaldate
@@ -1537,6 +1580,10 @@ class _MailboxApply:
             cur.stamp.removed = True
         m.put_record(mb, cur, old, last_updated=rec.last_updated)
         rec.msm = cur.stamp.modseq
+
+
+# Cyrus sends the same few flag sets over and over (a folder has a handful).
+_normalized_flags = functools.lru_cache(maxsize=4096)(normalize_flags)
 
 
 def rec_uid_above(records, last_uid: int) -> bool:
@@ -1703,18 +1750,38 @@ _auth_cache: dict[tuple[str, str, bytes], tuple[bytes, object, float]] = {}
 _auth_lock = threading.Lock()
 
 
-def _check_password(store, name: str, password: str):
+def _plain_credentials(b64: bytes) -> tuple[str, str, str] | None:
+    """(authzid, authcid, password) of a SASL PLAIN response, None if it is malformed."""
+    try:
+        data = b"" if b64 == b"=" else base64.b64decode(b64, validate=True)
+        authzid, authcid, password = data.split(b"\0")
+        return authzid.decode(), authcid.decode(), password.decode()
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return None
+
+
+def _remembered(store, name: str, password: str):
+    """(account record bytes, cache key, the account if this check is remembered, else None)."""
     with store.db.read() as txn:
         raw = txn.get("accounts", name.encode())
     if raw is None:
-        return check_password(store, name, password)
+        return None, None, None
     key = (str(store.path), name, hmac.new(_AUTH_KEY, password.encode("utf-8", "surrogatepass"),
                                            hashlib.sha256).digest())
-    now = time.monotonic()
     with _auth_lock:
         hit = _auth_cache.get(key)
-    if hit is not None and hit[0] == raw and hit[2] > now:
-        return hit[1]
+    if hit is not None and hit[0] == raw and hit[2] > time.monotonic():
+        return raw, key, hit[1]
+    return raw, key, None
+
+
+def _check_password(store, name: str, password: str):
+    raw, key, account = _remembered(store, name, password)
+    if raw is None:
+        return check_password(store, name, password)
+    if account is not None:
+        return account
+    now = time.monotonic()
     account = check_password(store, name, password)
     if account is not None:
         with _auth_lock:

@@ -1,6 +1,8 @@
-"""Run modsync as a csync replica until the ``modsync serve --csync`` verb exists.
+"""Run modsync as a csync replica and nothing else (``modsync serve --csync`` is the verb).
 
     python -m engine.csync.serve --store S --listen 127.0.0.1:2005 [--servername NAME]
+
+Useful where only the csync side is wanted, e.g. to profile it alone.
 
 Prints ``listening on HOST:PORT`` once the port is bound (port 0 picks one),
 then serves until SIGTERM or SIGINT.

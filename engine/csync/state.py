@@ -12,7 +12,8 @@ the same transactions as the modsync objects they describe.
 Keys (all under the table ``csync``)::
 
     M <uniqueid>                     -> CyrusMailbox  (header, cached CRCs)
-    R <uniqueid> \\0 <uid u32>        -> CyrusRecord   (full Cyrus record metadata)
+    R <uniqueid> \\0 <uid u32>        -> CyrusRecord   (full Cyrus record metadata, and
+                                        optionally its two CRC shares)
     N <internal name>                -> uniqueid      (every tracked mailbox)
     U <user> \\0 <uniqueid>           -> b""           (a user's tracked mailboxes)
     Q <internal quota root>          -> [modseq, {resource: limit}]
@@ -138,14 +139,25 @@ class CyrusRecord:
     expunged: bool = False
     msm: int = 0              # modsync record stamp modseq at csync's last write (0: none)
 
-    def pack(self) -> bytes:
-        return _pack([self.modseq, self.last_updated, list(self.flags), self.internaldate,
-                      self.size, self.guid, [list(a) for a in self.annotations], self.savedate,
-                      self.createdmodseq, self.cid, self.expunged, self.msm])
+    def fields(self) -> list:
+        """The stored fields, in the order of the stored form (see F_*)."""
+        return [self.modseq, self.last_updated, list(self.flags), self.internaldate,
+                self.size, self.guid, [list(a) for a in self.annotations], self.savedate,
+                self.createdmodseq, self.cid, self.expunged, self.msm]
+
+    def pack(self, crcs: tuple[int, int] | None = None) -> bytes:
+        """The stored form; ``crcs``, if given, must be ``self.crcs()`` (kept beside it)."""
+        v = self.fields()
+        if crcs is not None:
+            v += crcs
+        return _pack(v)
 
     @classmethod
     def unpack(cls, uid: int, b: bytes) -> "CyrusRecord":
-        v = _unpack(b)
+        return cls.from_fields(uid, _unpack(b))
+
+    @classmethod
+    def from_fields(cls, uid: int, v: list) -> "CyrusRecord":
         return cls(uid, v[0], v[1], tuple(v[2]), v[3], v[4], v[5],
                    tuple(tuple(a) for a in v[6]), v[7], v[8], v[9], v[10], v[11])
 
@@ -230,8 +242,41 @@ def get_record(txn, uniqueid: str, uid: int) -> CyrusRecord | None:
     return None if raw is None else CyrusRecord.unpack(uid, raw)
 
 
-def put_record(txn, uniqueid: str, rec: CyrusRecord) -> None:
-    txn.put(TABLE, _rkey(uniqueid, rec.uid), rec.pack())
+# Positions in the stored form of a record (CyrusRecord.fields(), then the CRC shares).
+F_MODSEQ, F_GUID, F_EXPUNGED, F_MSM, F_CRCS = 0, 5, 10, 11, 12
+
+
+class MailboxRecords:
+    """One mailbox's stored records inside a transaction, as field lists (APPLY MAILBOX's loop).
+
+    ``fields(uid)`` is the stored form (indexes F_*) or None; ``crcs(uid, fields)``
+    the record's CRC shares; ``put(rec, crcs)`` stores a record with its shares.
+    """
+
+    __slots__ = ("_get", "_put", "_prefix")
+
+    def __init__(self, txn, uniqueid: str):
+        self._get = txn.get
+        self._put = txn.put
+        self._prefix = K_RECORD + uniqueid.encode() + b"\0"
+
+    def fields(self, uid: int) -> list | None:
+        raw = self._get(TABLE, self._prefix + U32.pack(uid))
+        return None if raw is None else _unpack(raw)
+
+    @staticmethod
+    def crcs(uid: int, fields: list) -> tuple[int, int]:
+        if len(fields) > F_CRCS + 1:
+            return fields[F_CRCS], fields[F_CRCS + 1]
+        return CyrusRecord.from_fields(uid, fields).crcs()    # stored without them
+
+    def put(self, rec: CyrusRecord, crcs: tuple[int, int]) -> None:
+        self._put(TABLE, self._prefix + U32.pack(rec.uid), rec.pack(crcs))
+
+
+def put_record(txn, uniqueid: str, rec: CyrusRecord, crcs: tuple[int, int] | None = None) -> None:
+    """Store a record; pass ``crcs`` = ``rec.crcs()`` when at hand, to keep them beside it."""
+    txn.put(TABLE, _rkey(uniqueid, rec.uid), rec.pack(crcs))
 
 
 def delete_record(txn, uniqueid: str, uid: int) -> None:

@@ -51,20 +51,26 @@ def drain(parser: Parser) -> list[Line]:
     return lines
 
 
-def parse_chunked(data: bytes, sizes, **kwargs) -> list[Line]:
-    """Every line in ``data``, fed in chunks of the given sizes (cycled)."""
-    parser = Parser(**kwargs)
-    lines = []
-    pos = 0
-    i = 0
+def feed_chunks(parser: Parser, data: bytes, sizes, lines: list) -> None:
+    """Feed ``data`` in chunks of ``sizes`` (cycled; a size may be a function of data),
+    then the end of the stream, appending the lines read to ``lines`` as they come."""
+    pos = i = 0
     while pos < len(data):
-        size = max(1, sizes[i % len(sizes)])
+        size = sizes[i % len(sizes)]
+        size = max(1, size(data) if callable(size) else size)
         parser.feed(data[pos:pos + size])
         lines += drain(parser)
         pos += size
         i += 1
     parser.feed_eof()
-    return lines + drain(parser)
+    lines += drain(parser)
+
+
+def parse_chunked(data: bytes, sizes, **kwargs) -> list[Line]:
+    """Every line in ``data``, fed in chunks of the given sizes (cycled)."""
+    lines: list[Line] = []
+    feed_chunks(Parser(**kwargs), data, sizes, lines)
+    return lines
 
 
 # -- the fuzzing oracle, shared by test_dlist_fuzz.py and tests/fuzz/fuzz_dlist.py ---------
@@ -80,15 +86,7 @@ def check_text(data: bytes, sizes=(len,), banner: bool = False, limits=None) -> 
     parser = Parser(banner=banner, limits=limits or DEFAULT_LIMITS)
     lines: list[Line] = []
     try:
-        pos = i = 0
-        while pos < len(data):
-            size = sizes[i % len(sizes)]
-            size = max(1, size(data) if callable(size) else size)
-            parser.feed(data[pos:pos + size])
-            lines += drain(parser)
-            pos += size
-            i += 1
-        parser.feed_eof()
+        feed_chunks(parser, data, sizes, lines)
     except DlistProtocolError as e:
         assert e.offset is None or 0 <= e.offset <= len(data), e
     lines += drain(parser)

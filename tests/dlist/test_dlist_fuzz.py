@@ -6,12 +6,14 @@ The long-running fuzzer is tests/fuzz/fuzz_dlist.py (atheris).
 from __future__ import annotations
 
 import time
+from unittest import mock
 
-from dlist_testlib import COMPLETE, check_binary, check_text, parse_all, wire
+from dlist_testlib import COMPLETE, check_binary, check_text, drain, feed_chunks, parse_all, wire
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dlist import Limits, encode_line
+import dlist.parser
+from dlist import DlistProtocolError, Limits, Parser, encode_line
 
 FUZZ = settings(max_examples=300, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -94,3 +96,25 @@ def _mutated_blob(draw):
 def test_random_and_mutated_binary(data):
     if not _spent("binary"):
         check_binary(data)
+
+
+def _outcome(data: bytes, sizes, banner: bool, ahead: int):
+    """(lines read, whether the stream broke) with the parser scanning ahead at ``ahead`` bytes."""
+    lines: list = []
+    parser = Parser(banner=banner)
+    with mock.patch.object(dlist.parser, "SCAN_AHEAD", ahead):
+        try:
+            feed_chunks(parser, data, sizes, lines)
+        except DlistProtocolError:
+            return lines + drain(parser), True    # the lines completed before the error
+    return lines, False
+
+
+@FUZZ
+@given(st.one_of(_mutated(), _interesting), st.lists(st.integers(1, 60), min_size=1, max_size=4),
+       st.booleans(), st.sampled_from([1, 2, 5, 17]))
+def test_scanning_ahead_reads_what_the_whole_line_reads(data, sizes, banner, ahead):
+    """Tokenizing a line before its LF arrives (dlist.parser.SCAN_AHEAD) changes nothing read."""
+    if not _spent("ahead"):
+        assert _outcome(data, sizes, banner, ahead) == _outcome(data, [len(data) or 1], banner,
+                                                                1 << 40)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 from typing import ClassVar
 
 import pytest
@@ -200,6 +201,38 @@ def test_several_files_separated_by_one_space():
     assert [f.size for f in line.value] == [29, 29] and print_line(line) == data
 
 
+def test_the_space_between_two_files_is_not_scanned(monkeypatch):
+    calls = []
+    real = dlist.parser.scan_region
+
+    def counting(stack, text, base, max_depth):
+        calls.append(text)
+        return real(stack, text, base, max_depth)
+    monkeypatch.setattr(dlist.parser, "scan_region", counting)
+    files = b" ".join([b"%{p " + GUID + b" 29}\r\n" + BODY] * 3)
+    line = one(b"APPLY MESSAGE (" + files + b")\r\n")
+    assert len(line.value) == 3
+    assert calls == [b"MESSAGE (", b")\r\n"]
+    # other white space between files still goes through the scanner, which accepts it
+    line = one(b"APPLY MESSAGE (%{p " + GUID + b" 29}\r\n" + BODY + b"\t %{p " + GUID
+               + b" 29}\r\n" + BODY + b")\r\n")
+    assert len(line.value) == 2
+
+
+def test_inside_line_says_whether_a_line_is_unfinished():
+    parser = Parser()
+    assert not parser.inside_line
+    parser.feed(b"NOOP\r\nAPPLY MESSAGE (%{p " + GUID + b" 29}\r\n" + BODY[:10])
+    assert parser.inside_line                          # inside a file body
+    parser.feed(BODY[10:])
+    assert parser.inside_line                          # the list is still open
+    parser.feed(b")\r\nGET US")
+    assert parser.inside_line                          # a line without its LF yet
+    parser.feed(b"ER x\r\n")
+    assert not parser.inside_line
+    assert [x.verb for x in iter(parser.next_line, None)] == ["NOOP", "APPLY", "GET"]
+
+
 class RecordingSink:
     """A sink keeping its body "elsewhere" (here: in a list), as a blob store would."""
 
@@ -297,21 +330,35 @@ def test_sink_close_must_return_the_body_or_none():
 
 
 def test_a_long_line_arriving_in_chunks_is_scanned_once(monkeypatch):
+    """Each byte is tokenized once, most of them before the line's LF arrives."""
     calls = []
     real = dlist.parser.scan_region
 
     def counting(stack, text, base, max_depth):
-        calls.append(len(text))
+        calls.append((base, text))
         return real(stack, text, base, max_depth)
     monkeypatch.setattr(dlist.parser, "scan_region", counting)
-    record = b"%(UID 1 MODSEQ 2 FLAGS (\\Seen) GUID " + GUID + b")"
-    data = b"APPLY MAILBOX %(MBOXNAME x RECORD (" + b" ".join([record] * 5000) + b"))\r\n"
+    record = (b'%(UID 1 MODSEQ 2 FLAGS (\\Seen) GUID ' + GUID
+              + b' ANNOTATIONS (%(ENTRY /x USERID "" VALUE "a \\" b") x:y))')
+    data = (b'APPLY MAILBOX %(MBOXNAME x ACL "a\tb c\t" RECORD ('
+            + b" ".join([record] * 5000) + b"))\r\n")
     parser = Parser()
-    for i in range(0, len(data), 1000):
+    for i in range(0, len(data) - 1000, 1000):
         parser.feed(data[i:i + 1000])
+    assert parser.next_line() is None
+    ahead = sum(len(t) for _, t in calls)
+    assert ahead > len(data) - 2 * dlist.parser.SCAN_AHEAD - 1000
+    parser.feed(data[i + 1000:])
     line = parser.next_line()
     assert len(line.value.get_list("RECORD")) == 5000
-    assert calls == [len(data) - len(b"APPLY ")]
+    assert line.value.get_list("RECORD")[4999].get_list("ANNOTATIONS")[0].get_map("VALUE") == \
+        b'a " b'
+    assert len(calls) > 1
+    start = len(b"APPLY ")
+    assert [base for base, _ in calls] == list(
+        itertools.accumulate([start] + [len(t) for _, t in calls[:-1]]))
+    assert b"".join(t for _, t in calls) == data[start:]
+    assert print_line(line) == data
 
 
 def test_many_quoted_strings_with_spaces_stay_linear():

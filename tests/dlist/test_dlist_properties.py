@@ -3,11 +3,13 @@ in any chunking, through either scanner and through the binary form."""
 from __future__ import annotations
 
 import hashlib
+from unittest import mock
 
 from dlist_testlib import parse_all, parse_chunked
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import dlist.parser
 import dlist.scan
 from dlist import (
     DlistProtocolError,
@@ -102,10 +104,12 @@ def test_print_then_parse_gives_the_same_lines_and_bytes(items, role):
 
 @SETTINGS
 @given(st.lists(lines, min_size=1, max_size=3), roles,
-       st.lists(st.integers(1, 50), min_size=1, max_size=8))
-def test_any_chunking_gives_the_same_lines(items, role, sizes):
+       st.lists(st.integers(1, 50), min_size=1, max_size=8), st.sampled_from([None, 1, 4, 33]))
+def test_any_chunking_gives_the_same_lines(items, role, sizes, ahead):
     data = b"".join(print_line(line, role) for line in items)
-    assert parse_chunked(data, sizes) == parse_all(data)
+    whole = parse_all(data)
+    with mock.patch.object(dlist.parser, "SCAN_AHEAD", ahead or dlist.parser.SCAN_AHEAD):
+        assert parse_chunked(data, sizes) == whole
 
 
 @SETTINGS

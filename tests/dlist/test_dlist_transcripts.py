@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+from unittest import mock
 
 import pytest
 from dlist_testlib import (
@@ -23,6 +24,7 @@ from dlist_testlib import (
     wire,
 )
 
+import dlist.parser
 import dlist.scan
 from dlist import File, KvList, List, Parser, decode_line, encode_line, print_line
 
@@ -66,6 +68,8 @@ def test_feeding_in_small_chunks_gives_the_same_lines(path, direction, role, ban
     whole = parse_all(data, banner=banner)
     assert parse_chunked(data, [1], banner=banner) == whole
     assert parse_chunked(data, [3, 1, 7, 64, 2, 1000], banner=banner) == whole
+    with mock.patch.object(dlist.parser, "SCAN_AHEAD", 3):   # tokenize lines as they come
+        assert parse_chunked(data, [3, 1, 7, 64, 2, 1000], banner=banner) == whole
 
 
 @pytest.mark.parametrize("direction, role, banner", DIRECTIONS)
