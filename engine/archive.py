@@ -450,6 +450,15 @@ def _read_format(path: Path) -> dict:
     return fmt
 
 
+def _check_key(path: Path, fmt: dict, admin_key: bytes | None) -> None:
+    if admin_key is not None and "admin-key" in fmt and \
+            not hmac.compare_digest(key_hash(admin_key), fmt["admin-key"]):
+        raise AppendOnly(f"{path}: the admin key does not match this archive's", subject=path)
+    if admin_key is not None and "admin-key" not in fmt:
+        raise UsageError(f"{path} is not locked with an admin key; --admin-key-file is "
+                         f"not needed", subject=path)
+
+
 def is_archive(path: str | os.PathLike) -> bool:
     return (Path(path) / FORMAT_FILE).is_file()
 
@@ -486,11 +495,15 @@ class Archive:
                  readonly: bool):
         self.path = path
         self.id = fmt["id"]
+        self._fmt = fmt
         self.locked = "admin-key" in fmt
         self.append_only = append_only
         self.forced_append_only = False
+        # Why a forced handle is append-only, for the refusal (None: the options that force it).
+        self.append_only_reason: str | None = None
         self.readonly = readonly
         self.db = db
+        self._owns_db = True
         self._lock_fh = None
         self._readers: dict[str, object] = {}
         self._readers_lock = threading.Lock()
@@ -545,12 +558,7 @@ class Archive:
         """
         path = Path(path)
         fmt = _read_format(path)
-        if admin_key is not None and "admin-key" in fmt and \
-                not hmac.compare_digest(key_hash(admin_key), fmt["admin-key"]):
-            raise AppendOnly(f"{path}: the admin key does not match this archive's", subject=path)
-        if admin_key is not None and "admin-key" not in fmt:
-            raise UsageError(f"{path} is not locked with an admin key; --admin-key-file is "
-                             f"not needed", subject=path)
+        _check_key(path, fmt, admin_key)
         try:
             db = Database(path / "index", readonly=readonly, tables=TABLES)
         except NotAStore as e:
@@ -571,13 +579,31 @@ class Archive:
         archive.forced_append_only = append_only
         return archive
 
+    def view(self, *, append_only: bool = False, reason: str | None = None,
+             admin_key: bytes | None = None) -> Archive:
+        """Another handle on this open archive, sharing its index, with its own writer
+        lock and its own append-only setting (as ``open`` decides it; ``reason`` says
+        why ``append_only`` was asked, for the refusals).
+
+        For a server that serves one archive to many accounts at once: LMDB must
+        not be opened twice by one process.  Closing the view leaves the index open.
+        """
+        _check_key(self.path, self._fmt, admin_key)
+        v = Archive(self.path, self._fmt, self.db, readonly=self.readonly,
+                    append_only=append_only or (self.locked and admin_key is None))
+        v.forced_append_only = append_only
+        v.append_only_reason = reason
+        v._owns_db = False
+        return v
+
     def close(self) -> None:
         with self._readers_lock:
             for fh in self._readers.values():
                 fh.close()
             self._readers.clear()
         self.unlock()
-        self.db.close()
+        if self._owns_db:
+            self.db.close()
 
     def __enter__(self):
         return self
@@ -610,8 +636,9 @@ class Archive:
         """Refuse ``what`` (a removal or rewrite) on an append-only handle."""
         if self.append_only:
             why = ("the archive is locked with an admin key; give it with --admin-key-file"
-                   if self.locked and not self.forced_append_only else "this handle is "
-                   "append-only (--append-only, MODSYNC_APPEND_ONLY or [backup] append_only)")
+                   if self.locked and not self.forced_append_only else
+                   self.append_only_reason or "this handle is append-only (--append-only, "
+                   "MODSYNC_APPEND_ONLY or [backup] append_only)")
             raise AppendOnly(f"{self.path}: refusing to {what}: {why}", subject=self.path)
 
     # -- reading the index ---------------------------------------------------------------
@@ -708,15 +735,16 @@ class Archive:
             checksum = data[-CHECKSUM_SIZE:]
         return header, data[start:-CHECKSUM_SIZE], checksum
 
-    def read_point(self, info: PointInfo) -> ChangeSet:
-        """The change set of a point (checked: chunk checksum, header against the index)."""
+    def read_point(self, info: PointInfo, *, keep=None) -> ChangeSet:
+        """The change set of a point (checked: chunk checksum, header against the index);
+        ``keep``: see ``decode_point_payload``."""
         header, payload, _ = self.read_chunk(info.seq)
         m = header.meta
         if header.kind != KIND_POINT or m.get("user") != info.user or \
                 m.get("point") != info.point:
             raise ArchiveCorrupt(f"{self.path}: chunk {info.seq} does not hold point "
                                  f"{info.point} of {info.user!r}", subject=info.seq)
-        return decode_point_payload(payload, f"chunk {info.seq}", validate=False)
+        return decode_point_payload(payload, f"chunk {info.seq}", validate=False, keep=keep)
 
     def read_body(self, address: bytes) -> bytes:
         """A body by content address, hash-checked."""
@@ -793,7 +821,8 @@ def gc_paused():
             gc.enable()
 
 
-def decode_point_payload(payload: bytes, where: str, *, validate: bool = True) -> ChangeSet:
+def decode_point_payload(payload: bytes, where: str, *, validate: bool = True,
+                         keep=None) -> ChangeSet:
     """A point's change set.
 
     ``validate=False`` skips the per-field checks ``ChangeSet.decode`` makes
@@ -802,6 +831,12 @@ def decode_point_payload(payload: bytes, where: str, *, validate: bool = True) -
     checks (or was built by a store), and the checks cost about ten times
     the decoding (a second for a 20,000-message user).  ``verify`` decodes
     with them.  Anything unexpected falls back to the checked decoder.
+
+    ``keep(entries) -> indices``, given the items in their encoded form
+    (``Item.to_wire``: kind, ident, fields, origin, origin modseq, removed),
+    picks the items to decode; the change set then holds only those.  A
+    restore of one message needs a handful of a point's 10^4 items, and
+    making the others costs more than everything else it does.
     """
     try:
         raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=MAX_POINT_BYTES)
@@ -809,27 +844,37 @@ def decode_point_payload(payload: bytes, where: str, *, validate: bool = True) -
         raise ArchiveCorrupt(f"{where}: cannot decompress the change set ({e})", subject=where)
     if not validate:
         with gc_paused():
-            cs = _decode_trusted(raw)
+            cs = _decode_trusted(raw, keep)
         if cs is not None:
             return cs
     try:
         with gc_paused():
-            return ChangeSet.decode(raw)
+            cs = ChangeSet.decode(raw)
     except ModsyncError as e:
         raise ArchiveCorrupt(f"{where}: the change set is damaged ({e})", subject=where)
+    if keep is not None:
+        cs.items = [cs.items[i] for i in keep([it.to_wire() for it in cs.items])]
+    return cs
 
 
-def _decode_trusted(raw: bytes) -> ChangeSet | None:
-    from .changeset import FORMAT_VERSION as CS_VERSION
+def decode_entries(entries) -> list:
+    """Items from their encoded form (``Item.to_wire``), unchecked: see
+    ``decode_point_payload``."""
     from .changeset import Item
+    return [Item(k, tuple(i), f, o.hex(), om, rm) for k, i, f, o, om, rm in entries]
+
+
+def _decode_trusted(raw: bytes, keep=None) -> ChangeSet | None:
+    from .changeset import FORMAT_VERSION as CS_VERSION
     try:
         v = msgpack.unpackb(raw, raw=False, strict_map_key=False)
         if not isinstance(v, list) or len(v) != 10 or v[0] != CS_VERSION:
             return None
         (_, user, sender, base, state, items, bodies, crcs, digest, max_modseq) = v
+        if keep is not None:
+            items = [items[i] for i in keep(items)]
         return ChangeSet(user, sender.hex(), {o.hex(): n for o, n in base},
-                         {o.hex(): n for o, n in state},
-                         [Item(k, tuple(i), f, o.hex(), om, rm) for k, i, f, o, om, rm in items],
+                         {o.hex(): n for o, n in state}, decode_entries(items),
                          list(bodies), {k: n for k, n in crcs}, digest, max_modseq)
     except (ValueError, TypeError, AttributeError, msgpack.UnpackException):
         return None

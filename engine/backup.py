@@ -52,6 +52,7 @@ from .archive import (
     PointInfo,
     check_chunk,
     chunk_files,
+    decode_entries,
     decode_point_payload,
     decompress_block,
     encode_point_payload,
@@ -71,7 +72,7 @@ from .errors import (
     ProtocolError,
     UsageError,
 )
-from .model import ACL, ANNOTATION, MAILBOX, RECORD, SIEVE, SUBSCRIPTION
+from .model import ACL, ANNOTATION, MAILBOX, MAILBOX_SCOPED, RECORD, SIEVE, SUBSCRIPTION
 from .progress import Progress
 from .store import Message, Store
 
@@ -167,33 +168,33 @@ class BackupReport:
                 "errors": self.errors, "seconds": round(self.seconds, 3), "users": self.users}
 
 
-def backup(archive: Archive, source, users: Iterable[str] | None = None, *,
+def backup(archive, source, users: Iterable[str] | None = None, *,
            progress: Progress | None = None, level: int = DEFAULT_LEVEL,
            now: int | None = None) -> BackupReport:
     """Append a point for each user (all the source has by default) that changed.
 
-    Each user's point is committed on its own (with the bodies it needs), so
-    an interrupted run keeps the users it finished.  A user whose state has
-    not changed since the last point gets no new point.  A user that fails
-    (the source refuses, a body does not check out) is reported and the
-    others are still backed up; what was written for it is left uncommitted.
+    ``archive`` is an ``Archive`` on this machine, or another target with
+    ``LocalTarget``'s methods (``engine.archive_client.RemoteArchive``: an
+    archive a `modsync serve --archives` holds).  Each user's point is
+    committed on its own (with the bodies it needs), so an interrupted run
+    keeps the users it finished.  A user whose state has not changed since
+    the last point gets no new point.  A user that fails (the source
+    refuses, a body does not check out) is reported and the others are
+    still backed up; what was written for it is left uncommitted.
     """
     t0 = time.monotonic()
     progress = progress or Progress()
-    report = BackupReport(str(archive.path))
+    local = isinstance(archive, Archive)
+    target = LocalTarget(archive, level=level, now=now) if local else archive
+    written_before = target.bytes_written
+    report = BackupReport(target.path)
     todo = list(users) if users is not None else list(source.users())
-    w = archive.writer(level=level)
     try:
-        _cleanup_leftovers(archive)
         for user in todo:
             try:
-                entry = _backup_user(archive, w, source, names.user(user), progress, now)
+                entry = _backup_user(target, source, names.user(user), progress)
             except ModsyncError as e:
-                # Start again with a writer that knows nothing of this user's
-                # uncommitted chunks (their sequence numbers are reused).
-                report.bytes_written += w.bytes_written
-                w.close()
-                w = archive.writer(level=level)
+                target.abandon()
                 entry = {"user": user, "point": None, "error": str(e)}
                 report.errors += 1
             report.users.append(entry)
@@ -202,10 +203,47 @@ def backup(archive: Archive, source, users: Iterable[str] | None = None, *,
                 report.bodies += entry["new_bodies"]
                 report.body_bytes += entry["new_bytes"]
     finally:
-        report.bytes_written += w.bytes_written
-        w.close()
+        if local:
+            target.close()
+    report.bytes_written = target.bytes_written - written_before
     report.seconds = time.monotonic() - t0
     return report
+
+
+class LocalTarget:
+    """An archive on this machine, as ``backup`` writes to it (holding its writer lock).
+
+    The interface of a backup target: ``path``, ``bytes_written``,
+    ``last_state(user)``, ``add_point(...)`` (see ``write_point``),
+    ``abandon()`` after a user failed, ``close()``.
+    """
+
+    def __init__(self, archive: Archive, *, level: int = DEFAULT_LEVEL, now: int | None = None):
+        self.archive = archive
+        self.path = str(archive.path)
+        self.level, self.now = level, now
+        self.bytes_written = 0
+        self.w = archive.writer(level=level)
+        _cleanup_leftovers(archive)
+
+    def last_state(self, user: str) -> dict | None:
+        """The version vector of the user's last point (None: the archive has none)."""
+        last = self.archive.last_point(user)
+        return None if last is None else last.state
+
+    def add_point(self, user: str, cs: ChangeSet, **kw) -> dict:
+        return write_point(self.archive, self.w, user, cs, now=self.now, **kw)
+
+    def abandon(self) -> None:
+        # Start again with a writer that knows nothing of the failed user's
+        # uncommitted chunks (their sequence numbers are reused).
+        self.bytes_written += self.w.bytes_written
+        self.w.close()
+        self.w = self.archive.writer(level=self.level)
+
+    def close(self) -> None:
+        self.bytes_written += self.w.bytes_written
+        self.w.close()
 
 
 def _changes(source, user: str, base: dict):
@@ -223,10 +261,9 @@ def _changes(source, user: str, base: dict):
     return cs, get_body, True
 
 
-def _backup_user(archive: Archive, w, source, user: str, progress: Progress,
-                 now: int | None) -> dict:
-    last = archive.last_point(user)
-    base = last.state if last is not None else {}
+def _backup_user(target, source, user: str, progress: Progress) -> dict:
+    last = target.last_state(user)
+    base = last if last is not None else {}
     # Tombstones the last point relies on may have expired at the source: then
     # a fresh full point (restores before it still use the old ones).
     cs, get_body, full = _changes(source, user, base)
@@ -238,12 +275,20 @@ def _backup_user(archive: Archive, w, source, user: str, progress: Progress,
         # archive holds that the source lacks would never be seen deleted.
         cs, get_body = source.changes(user, {})
         full = True
-    if last is not None and not full and (cs.is_empty() or cs.state == last.state):
+    if last is not None and not full and (cs.is_empty() or cs.state == last):
         return {"user": user, "point": None, "unchanged": True}
     modseq = source.modseq(user) if hasattr(source, "modseq") else max(cs.state.values(),
                                                                        default=0)
-    # The bodies this point needs that the archive lacks: every live record
-    # and sieve script in it, not only what the source listed.
+    # A local store checks each body against its address as it reads it;
+    # anything else is checked by the target.
+    return target.add_point(user, cs, base={} if full else base, modseq=int(modseq or 0),
+                            get_body=get_body, checked=getattr(source, "bodies_checked", False),
+                            progress=progress)
+
+
+def needed_bodies(cs: ChangeSet) -> tuple[list[bytes], dict[bytes, int]]:
+    """The bodies a point of ``cs`` needs in the archive (every live record's and sieve
+    script's, not only those the source listed), in order, and their sizes."""
     needed, sizes = [], {}
     for item in cs.items:
         if not item.removed and item.kind in (RECORD, SIEVE):
@@ -251,19 +296,32 @@ def _backup_user(archive: Archive, w, source, user: str, progress: Progress,
             if a not in sizes:
                 sizes[a] = item.fields[2] if item.kind == RECORD else item.fields[1]
                 needed.append(a)
+    return needed, sizes
+
+
+def write_point(archive: Archive, w, user: str, cs: ChangeSet, *, base: dict, modseq: int,
+                get_body, checked: bool, progress: Progress | None = None,
+                now: int | None = None) -> dict:
+    """Store ``cs`` as the user's next point and commit; the backup's entry for the user.
+
+    ``base`` is the state ``cs`` starts from: the last point's, or ``{}`` for a
+    full point.  Of the bodies the point needs, those the archive lacks are
+    read with ``get_body(address)`` (None: not available) and, unless
+    ``checked`` (a store checks what it reads), hash-checked here.
+    """
+    progress = progress or Progress()
+    needed, sizes = needed_bodies(cs)
     missing = [a for a in archive.missing_bodies(needed) if a not in w.packer]
     new_bytes = 0
     big = len(missing) >= PROGRESS_MIN_BODIES
     if big:
         progress.start(f"backup {user}", total_items=len(missing),
                        total_bytes=sum(sizes[a] for a in missing))
-    # A local store checks each body against its address as it reads it;
-    # anything else is checked here.
-    checked = getattr(source, "bodies_checked", False)
     try:
-        for a, data in _fetch(get_body, missing, w.pool if checked else None):
+        for a, data in fetch_bodies(get_body, missing, w.pool if checked else None):
             if data is None:
-                raise ProtocolError(f"the source did not send body {a.hex()} of user {user!r}")
+                raise ProtocolError(f"body {a.hex()} of user {user!r}, which the archive "
+                                    f"lacks, was not sent", subject=a.hex())
             if not checked and address_of(data) != a:
                 raise ProtocolError(f"body {a.hex()} from the source does not hash to its "
                                     f"address", subject=a.hex())
@@ -274,17 +332,18 @@ def _backup_user(archive: Archive, w, source, user: str, progress: Progress,
     finally:
         if big:
             progress.finish()
+    full = not base
     info = PointInfo(user, w.next_point_number(user), 0, int(time.time()) if now is None
-                     else int(now), int(modseq or 0), encode_token(user, cs.state), full,
+                     else int(now), int(modseq), encode_token(user, cs.state), full,
                      dict(cs.state), bytes(cs.digest), len(cs.items), len(missing), new_bytes,
-                     {} if full else dict(base))
+                     dict(base))
     w.add_point(info, encode_point_payload(cs, w.level))
     w.commit()
     return {"user": user, "point": info.point, "full": full, "modseq": info.modseq,
             "items": info.items, "new_bodies": info.new_bodies, "new_bytes": new_bytes}
 
 
-def _fetch(get_body, addresses: list[bytes], pool) -> Iterator[tuple[bytes, bytes]]:
+def fetch_bodies(get_body, addresses: list[bytes], pool) -> Iterator[tuple[bytes, bytes]]:
     """(address, body) in order; with a pool, up to FETCH_AHEAD bodies are read ahead
     on other threads (a store's read decompresses and hashes, outside the GIL)."""
     if pool is None:
@@ -315,14 +374,23 @@ def _cleanup_leftovers(archive: Archive) -> None:
 
 # == listing ===============================================================================
 
-def list_points(archive: Archive, user: str | None = None) -> dict:
+def list_points(archive: Archive, user: str | None = None, *, last: bool = False,
+                states: bool = False) -> dict:
+    """What `backup list` shows: per user (``user``, or all), every point (``last``:
+    only the latest, and a user with none is listed without points); ``states``
+    adds each point's version vector (``state``)."""
     users = [user] if user is not None else archive.users()
     out = []
     for u in users:
-        points = archive.points(u)
-        if user is not None and not points:
-            raise NoSuchUser(f"archive {archive.path} holds no backup of user {u!r}", subject=u)
-        out.append({"user": u, "points": [p.as_dict() for p in points]})
+        if last:
+            points = [p for p in [archive.last_point(u)] if p is not None]
+        else:
+            points = archive.points(u)
+            if user is not None and not points:
+                raise NoSuchUser(f"archive {archive.path} holds no backup of user {u!r}",
+                                 subject=u)
+        out.append({"user": u, "points": [p.as_dict() | {"state": dict(p.state)} if states
+                                          else p.as_dict() for p in points]})
     _, head = archive.head()
     return {"archive": str(archive.path), "id": archive.id, "head": head.hex(),
             "append_only": archive.append_only, "locked": archive.locked, "users": out}
@@ -385,11 +453,12 @@ def format_time(t: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def fold(reader, infos: list[PointInfo], target: PointInfo, *, start: PointInfo | None = None
-         ) -> tuple[dict, dict, ChangeSet]:
+def fold(reader, infos: list[PointInfo], target: PointInfo, *, start: PointInfo | None = None,
+         keep=None) -> tuple[dict, dict, ChangeSet]:
     """Every object's state at ``target``: ({(kind, ident): item}, crcs, target's change set).
 
-    Replays from ``start`` (default: the last full point at or before target).
+    Replays from ``start`` (default: the last full point at or before target);
+    ``keep`` picks the items decoded of each point (``decode_point_payload``).
     """
     idx = next(i for i, p in enumerate(infos) if p.point == target.point)
     if start is None:
@@ -400,7 +469,7 @@ def fold(reader, infos: list[PointInfo], target: PointInfo, *, start: PointInfo 
     crcs: dict = {}
     cs = None
     for info in infos[first:idx + 1]:
-        cs = reader.read_point(info)
+        cs = reader.read_point(info, keep=keep)
         for item in cs.items:
             items[(item.kind, item.ident)] = item
         crcs.update(cs.crcs)
@@ -433,15 +502,69 @@ def _bodies_of(items: Iterable[Item]) -> set[bytes]:
     return {bytes(it.fields[0]) for it in items if not it.removed and it.kind in (RECORD, SIEVE)}
 
 
-def state_at(reader, user: str, at: str | None = None) -> tuple[PointInfo, ChangeSet]:
-    """(the point ``at`` names, the user's full state there as a change set)."""
+def state_at(reader, user: str, at: str | None = None, *, mailbox: str | None = None,
+             uids=None, guid: bytes | None = None) -> tuple[PointInfo, ChangeSet]:
+    """(the point ``at`` names, the user's full state there as a change set).
+
+    Given ``mailbox``, ``uids`` or ``guid`` (what ``select`` will pick), the
+    state holds every mailbox but, of what lives in mailboxes, only what that
+    selection can take: the records (with those UIDs, or that SHA-1 or blake3
+    address), annotations and ACL entries of the mailbox it names at the
+    point (of every mailbox when only ``guid`` is given).
+    """
     infos = reader.points(user)
     if not infos:
         raise NoSuchUser(f"{_where(reader)} holds no backup of user {user!r}", subject=user)
     target = choose_point(infos, at)
     with gc_paused():
-        items, crcs, last = fold(reader, infos, target)
+        if mailbox is None and guid is None:
+            items, crcs, last = fold(reader, infos, target)
+        else:
+            items, crcs, last = _fold_scoped(reader, infos, target, mailbox, uids, guid)
         return target, full_changeset(user, last, items, crcs)
+
+
+def _fold_scoped(reader, infos, target, mailbox, uids, guid) -> tuple[dict, dict, ChangeSet]:
+    """``fold``, decoding only what a restore of ``mailbox`` / ``uids`` / ``guid`` needs.
+
+    Which mailbox a name means is known only at the target point (mailboxes
+    are renamed), so the first pass decodes the mailboxes of every point and
+    keeps the rest of each point undecoded; the second decodes, of that, the
+    objects of the mailbox chosen.
+    """
+    undecoded: list = []
+
+    def mailboxes_only(entries):
+        undecoded.append(entries)
+        return [i for i, e in enumerate(entries) if e[0] == MAILBOX]
+    items, crcs, last = fold(reader, infos, target, keep=mailboxes_only)
+    live = [it for (kind, _), it in items.items() if kind == MAILBOX and not it.removed]
+    ids = {m.ident[0] for m in (live if mailbox is None else _named(live, mailbox))}
+
+    whole = uids is None and guid is None
+    field_no = 1 if guid is not None and len(guid) == 20 else 0
+    for entries in undecoded:
+        # Comprehensions, not a function per entry: a point has 10^4 of them.
+        picked = [e for e in entries if e[0] in MAILBOX_SCOPED and e[1][0] in ids]
+        if not whole:
+            picked = [e for e in picked if e[0] == RECORD]
+        if uids is not None:
+            picked = [e for e in picked if any(lo <= e[1][1] <= hi for lo, hi in uids)]
+        if guid is not None:
+            picked = [e for e in picked if e[2][field_no] == guid]
+        for it in decode_entries(picked):
+            items[(it.kind, it.ident)] = it
+    return items, crcs, last
+
+
+def _named(mailboxes: list[Item], mailbox: str) -> list[Item]:
+    """The mailboxes ``mailbox`` names: by name at this point, else by unique id."""
+    try:
+        want = names.mailbox(mailbox)
+    except UsageError:
+        want = None
+    return [m for m in mailboxes if m.fields[0] == want] or \
+        [m for m in mailboxes if m.ident[0] == mailbox]
 
 
 def _where(reader) -> str:
@@ -493,12 +616,7 @@ def select(cs: ChangeSet, *, mailbox: str | None = None, uids=None,
         raise UsageError("--uid needs --mailbox: UIDs are per mailbox")
     chosen = list(mbs.values())
     if mailbox is not None:
-        try:
-            want = names.mailbox(mailbox)
-        except UsageError:
-            want = None
-        chosen = [m for m in mbs.values() if m.fields[0] == want] or \
-            [m for m in mbs.values() if m.ident[0] == mailbox]
+        chosen = _named(chosen, mailbox)
         if not chosen:
             have = ", ".join(sorted(m.fields[0] for m in mbs.values())) or "none"
             raise NoSuchMailbox(f"there is no mailbox {mailbox!r} at this point (mailboxes "
@@ -514,14 +632,8 @@ def select(cs: ChangeSet, *, mailbox: str | None = None, uids=None,
         if not any(picked.values()):
             raise NoSuchMessage(f"no message with those UIDs in {mailbox!r} at this point")
     if guid is not None:
-        g = guid.strip().lower()
-        try:
-            raw = bytes.fromhex(g)
-        except ValueError:
-            raise UsageError(f"--guid {guid!r}: give the message's SHA-1 (40 hex digits, "
-                             f"Cyrus's GUID) or blake3 address (64 hex digits)") from None
-        if len(raw) not in (20, 32):
-            raise UsageError(f"--guid {guid!r}: 40 (SHA-1) or 64 (blake3) hex digits")
+        raw = guid_bytes(guid)
+        g = raw.hex()
         field_no = 1 if len(raw) == 20 else 0
         picked = {mbid: [r for r in recs if bytes(r.fields[field_no]) == raw]
                   for mbid, recs in picked.items()}
@@ -532,6 +644,18 @@ def select(cs: ChangeSet, *, mailbox: str | None = None, uids=None,
         chosen = [m for m in chosen if m.ident[0] in picked]
     chosen.sort(key=lambda m: m.fields[0])
     return Selection(mailbox is None and uids is None and guid is None, chosen, picked, whole)
+
+
+def guid_bytes(guid: str) -> bytes:
+    """A message's SHA-1 (Cyrus's GUID, 40 hex digits) or blake3 address (64) as bytes."""
+    try:
+        raw = bytes.fromhex(guid.strip().lower())
+    except ValueError:
+        raise UsageError(f"--guid {guid!r}: give the message's SHA-1 (40 hex digits, "
+                         f"Cyrus's GUID) or blake3 address (64 hex digits)") from None
+    if len(raw) not in (20, 32):
+        raise UsageError(f"--guid {guid!r}: 40 (SHA-1) or 64 (blake3) hex digits")
+    return raw
 
 
 def _target_name(mb_name: str, into: str | None, single: bool) -> str:
@@ -601,7 +725,10 @@ def restore(reader, user: str, *, at: str | None = None, mailbox: str | None = N
     if len(targets) != 1:
         raise UsageError("restore needs exactly one target: a store, a Maildir or a Cyrus "
                          "server")
-    info, cs = state_at(reader, user, at)
+    if uids is not None and mailbox is None:
+        raise UsageError("--uid needs --mailbox: UIDs are per mailbox")
+    info, cs = state_at(reader, user, at, mailbox=mailbox, uids=uids,
+                        guid=None if guid is None else guid_bytes(guid))
     sel = select(cs, mailbox=mailbox, uids=uids, guid=guid)
     target = ({"store": str(store.path)} if store is not None else
               {"maildir": os.fspath(maildir)} if maildir is not None else {"csync": csync})
@@ -1304,10 +1431,10 @@ class ExportFile:
     def points(self, user: str) -> list[PointInfo]:
         return [p for p, _ in self._points] if user == self.user else []
 
-    def read_point(self, info: PointInfo) -> ChangeSet:
+    def read_point(self, info: PointInfo, *, keep=None) -> ChangeSet:
         # The file's checksum was verified when it was opened.
         return decode_point_payload(self._points[info.seq][1], f"{self.path} point {info.point}",
-                                    validate=False)
+                                    validate=False, keep=keep)
 
     def point_payload(self, info: PointInfo) -> bytes:
         return self._points[info.seq][1]

@@ -134,6 +134,45 @@ def test_restore_single_messages_into_a_live_store_disturbs_nothing(source, arch
         assert after[name][2][:len(recs)] == recs      # what was there is untouched
 
 
+def test_a_restore_of_a_mailbox_or_messages_decodes_only_what_it_takes(source, archive):
+    """state_at(mailbox=, uids=, guid=) decodes a fraction of each point, and selects
+    exactly what the whole state would give, at every point: also for a mailbox that
+    got its name after its mail was backed up (Work -> Archive/Work, point 3)."""
+    from engine.backup import select, selection_changeset
+
+    history(source, archive)
+    for point in range(1, 6):
+        at = f"point:{point}"
+        full = state_at(archive, "alice", at)[1]
+        records = [it for it in full.items if it.kind == b"R" and not it.removed]
+        mailboxes = {it.ident[0]: it.fields[0] for it in full.items
+                     if it.kind == b"M" and not it.removed}
+        some = records[len(records) // 2]
+        named = mailboxes[some.ident[0]]
+        cases = [{"mailbox": name} for name in mailboxes.values()]
+        cases += [{"mailbox": mbid} for mbid in list(mailboxes)[:1]]
+        cases += [{"mailbox": named, "uids": [(some.ident[1], some.ident[1])]},
+                  {"mailbox": named, "uids": [(1, 3), (7, 9)]},
+                  {"guid": bytes(some.fields[1]).hex()}, {"guid": bytes(some.fields[0]).hex()},
+                  {"mailbox": named, "guid": bytes(some.fields[0]).hex()}]
+        for case in cases:
+            raw = {k: v for k, v in case.items() if k != "guid"}
+            if "guid" in case:
+                raw["guid"] = bytes.fromhex(case["guid"])
+            try:
+                want = selection_changeset(full, select(full, **case), None)
+            except NoSuchMessage:
+                continue
+            scoped = state_at(archive, "alice", at, **raw)[1]
+            got = selection_changeset(scoped, select(scoped, **case), None)
+            assert [i.to_wire() for i in got.items] == [i.to_wire() for i in want.items], case
+            assert got.bodies == want.bodies and got.crcs == want.crcs
+            # Only mailboxes and the objects of what is restored were decoded.
+            assert len(scoped.items) < len(full.items), case
+    renamed = state_at(archive, "alice", "point:3", mailbox="Archive/Work")[1]
+    assert len([i for i in renamed.items if i.kind == b"R" and not i.removed]) == 13
+
+
 def test_whole_user_into_a_store_that_has_the_user_appends(source, archive, new_store):
     history(source, archive)
     target = new_store()
