@@ -282,6 +282,34 @@ def filter_pull(store, account: str, cs: ChangeSet) -> ChangeSet:
                      {k: v for k, v in cs.crcs.items() if k in readable}, b"", cs.max_modseq)
 
 
+def became_readable(store, account: str, cs: ChangeSet) -> frozenset[str]:
+    """Mailboxes of ``cs.user`` that ``account`` may read now and whose ACL entries
+    that concern it (for its name or ``anyone``, or their ``-`` forms) changed after
+    ``cs.base``: they may have become readable since, so a puller at that base may
+    lack them whole (``changeset.build(..., whole=...)`` sends them so).  Nothing
+    from an empty base, which lacks everything anyway.  When a mailbox stops being
+    readable, its changes simply stop coming; should it become readable again, it
+    is sent whole again, which brings the puller's copy up to date."""
+    if not any(cs.base.values()):
+        return frozenset()
+    concern = {account, ANYONE, "-" + account, "-" + ANYONE}
+    touched = {it.ident[0] for it in cs.items if it.kind == ACL and it.ident[1] in concern}
+    if not touched:
+        return frozenset()
+    with store.db.read() as txn:
+        u = store._user(txn, cs.user)
+        if u is None:
+            return frozenset()
+        view = _View(store, txn, u)
+        out = set()
+        for mbid in touched:
+            mb = view.mailbox_by_id(mbid)
+            if mb is not None and not mb.stamp.removed \
+                    and set(READ) <= rights_for(view.acl(mb), account):
+                out.add(mbid)
+    return frozenset(out)
+
+
 def _any_readable(view: _View, account: str) -> bool:
     u = view.user
     for k, v in view.txn.prefix("objects", u.prefix + MAILBOX):

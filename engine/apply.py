@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 from . import crc as cyrus_crc
 from . import names
-from .blobs import address_of, sha1_of
+from .blobs import address_of, sha1_of, unpack_stored
 from .changeset import ChangeSet, Item, build, covers, encode_token, state_of, vv_le
 from .errors import EXIT_REJECTED, ModsyncError, NoSuchUser
 from .model import (
@@ -112,6 +112,10 @@ def apply(store: Store, cs: ChangeSet, *, bodies=None, merge: bool = False,
 
     ``bodies`` gives the bytes of the bodies the change set lists (a dict or
     a callable address -> bytes); bodies we already hold are not asked for.
+    If it also has ``stored(address) -> (method, payload, size) | None``
+    (``engine.wire.BodySpool``), bodies it holds as a pack stores them are
+    checked (decompressed, by its ``unpacked(address)`` if it has one) and
+    written as they came, not compressed again.
     Raises LegalityError (store unchanged) for an illegal change set.
     """
     user = cs.user
@@ -133,9 +137,7 @@ def apply(store: Store, cs: ChangeSet, *, bodies=None, merge: bool = False,
     if not cs.items and vv_le(cs.state, local_vv):
         return ApplyResult("nothing", user, encode_token(user, local_vv))
     _check_order(cs)
-    fetched = _fetch_bodies(store, cs, bodies)
-    # Compress the new bodies now, on every core, before taking the writer lock.
-    packed = dict(zip(fetched, store.blobs.compress_many(list(fetched.values()))))
+    fetched, packed = _fetch_bodies(store, cs, bodies)
     # Lamport: whatever we write now is newer than everything we received.
     lamport = max([cs.max_modseq, *cs.state.values()]) + 1
 
@@ -170,21 +172,42 @@ def _counter(store: Store, user: str, sender_state: dict, local_vv: dict) -> Cha
     return build(store, user, sender_state)
 
 
-def _fetch_bodies(store: Store, cs: ChangeSet, bodies) -> dict[bytes, bytes]:
-    """Bodies we lack, verified against their addresses before anything is written."""
+def _fetch_bodies(store: Store, cs: ChangeSet, bodies) -> tuple[dict, dict]:
+    """Bodies we lack, verified against their addresses before anything is written,
+    and their stored form (method, payload): as they came, or compressed now, on
+    every core, before the writer lock is taken."""
     getter = bodies.get if isinstance(bodies, dict) else bodies
-    out = {}
-    for address in cs.bodies:
-        if store.has_body(address):
+    stored_of = getattr(bodies, "stored", None)
+    unpacked = getattr(bodies, "unpacked", None)
+    with store.db.read() as txn:
+        lacking = [a for a in cs.bodies if txn.get("blobs", a) is None]
+    fetched, packed, stored = {}, {}, []
+    for address in lacking:
+        entry = stored_of(address) if stored_of is not None else None
+        if entry is not None:
+            stored.append((address, entry))
             continue
         data = getter(address) if getter is not None else None
+        if data is not None:        # else checked when a record needs it
+            fetched[address] = _checked(address, data)
+    datas = ([unpacked(a) for a, _ in stored] if unpacked is not None
+             else unpack_stored([e for _, e in stored]))
+    for (address, (method, payload, size)), data in zip(stored, datas):
         if data is None:
-            continue    # checked when a record needs it
-        if address_of(data) != address:
-            raise LegalityError("body-hash-mismatch", f"body {address.hex()} does not hash to "
-                                f"its address", subject=address.hex())
-        out[address] = data
-    return out
+            raise LegalityError("body-hash-mismatch", f"body {address.hex()} is not the "
+                                f"{size} bytes it claims to be", subject=address.hex())
+        fetched[address] = _checked(address, data)
+        packed[address] = (method, payload)
+    fresh = [a for a in fetched if a not in packed]
+    packed.update(zip(fresh, store.blobs.compress_many([fetched[a] for a in fresh])))
+    return fetched, packed
+
+
+def _checked(address: bytes, data: bytes) -> bytes:
+    if address_of(data) != address:
+        raise LegalityError("body-hash-mismatch", f"body {address.hex()} does not hash to "
+                            f"its address", subject=address.hex())
+    return data
 
 
 def _check_order(cs: ChangeSet) -> None:
@@ -360,6 +383,12 @@ def _apply_mailbox(ctx: _Context, item: Item, fresh: set[str]) -> None:
         ctx.written += 1
         return
     if rel == "same":
+        # Appends move uidnext without a new stamp on the mailbox (and the parts
+        # of a first sync, changeset.split, raise it in steps): uidnext is the
+        # maximum of both sides'.
+        if uidnext > local.uidnext:
+            local.uidnext = uidnext
+            m.touch_mailbox(local)
         return
     if not ctx.concurrent and not item.removed and not local.stamp.removed:
         if uidvalidity < local.uidvalidity:
@@ -548,15 +577,32 @@ def _records_of(m: Mutation, mb: Mailbox):
 def _record_from_item(ctx: _Context, item: Item, mb: Mailbox) -> Record:
     (address, sha1, size, internaldate, savedate, flags, annotations, created,
      flag_stamps, renumbered_from, moved_to) = item.fields
+    onum = ctx.onum
     rec = Record(item.ident[1], bytes(address), bytes(sha1), size, internaldate, savedate,
-                 normalize_flags(flags), annotations=tuple(sorted(
-                     (e, u, bytes(v)) for e, u, v in annotations)),
-                 stamp=Stamp(removed=item.removed), mailbox=mb.num)
-    rec.created = [ctx.onum(created[0]), created[1]]
-    rec.flag_stamps = {k: [v[0], ctx.onum(v[1])] for k, v in flag_stamps.items()}
+                 _normalized(flags), annotations=tuple(sorted(
+                     (e, u, bytes(v)) for e, u, v in annotations)) if annotations else (),
+                 stamp=Stamp(removed=item.removed), mailbox=mb.num,
+                 created=[onum(created[0]), created[1]],
+                 flag_stamps={k: [v[0], onum(v[1])] for k, v in flag_stamps.items()}
+                 if flag_stamps else {})
     rec.createdmodseq = ctx.m.modseq
     rec.renumbered_from, rec.moved_to = renumbered_from, tuple(moved_to)
     return rec
+
+
+_NORMALIZED: dict[tuple, tuple] = {}
+
+
+def _normalized(flags) -> tuple:
+    """normalize_flags, remembered: a store holds few distinct flag sets, and a first
+    sync normalises one per message."""
+    key = tuple(flags)
+    hit = _NORMALIZED.get(key)
+    if hit is None:
+        hit = normalize_flags(key)
+        if len(_NORMALIZED) < 4096:
+            _NORMALIZED[key] = hit
+    return hit
 
 
 def _apply_record(ctx: _Context, item: Item, fetched: dict) -> None:
@@ -688,7 +734,7 @@ def _take(ctx: _Context, mb: Mailbox, theirs: Record, local: Record | None, item
     elif local is not None and not local.stamp.removed:
         ctx.expunged += 1
     ctx.m.put_record(mb, theirs, local, keep_stamps=True, last_updated=ctx.m.now,
-                     **ctx.stamp_args(item))
+                     origin=ctx.onum(item.origin), origin_modseq=item.origin_modseq)
     ctx.written += 1
 
 

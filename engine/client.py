@@ -13,7 +13,7 @@ import select
 import socket
 import ssl
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from . import protocol as P
@@ -205,7 +205,8 @@ class Client:
         raise P.ProtocolError(f"expected {' or '.join(t.__name__.upper() for t in want)}, "
                               f"got {type(ev).__name__.upper()}")
 
-    def _receive_changeset(self) -> tuple[ChangeSet, BodySpool]:
+    def _receive_changeset(self) -> tuple[ChangeSet, BodySpool, bool]:
+        """One change set: (change set, its bodies, whether another part follows)."""
         start = self._reply(P.ChangeSetStart)
         incoming = Incoming(start.changeset, start.n_items, BodySpool(self.spool_dir))
         try:
@@ -213,6 +214,8 @@ class Client:
                 ev = self._next()
                 if isinstance(ev, P.Items):
                     incoming.add_items(ev.items)
+                elif isinstance(ev, P.PackedBodies):
+                    incoming.packed_bodies(ev.bodies)
                 elif isinstance(ev, P.Bodies):
                     for a, d in ev.bodies:
                         incoming.whole_body(a, d)
@@ -221,7 +224,7 @@ class Client:
                 elif isinstance(ev, P.ChangeSetEnd):
                     if ev.aborted:
                         raise RemoteError("aborted", "the server gave up sending the change set")
-                    return incoming.finish()
+                    return (*incoming.finish(), bool(ev.more))
         except BaseException:
             incoming.discard()
             raise
@@ -237,23 +240,33 @@ class Client:
         self._send(P.GetState(user))
         return self._reply(P.State)
 
-    def push(self, cs: ChangeSet, read_body: Callable[[bytes], bytes], *,
-             ack: str = "applied", on_ack: Callable[[str], None] | None = None,
+    def push(self, cs: ChangeSet | list[ChangeSet], read_body: Callable[[bytes], bytes], *,
+             read_packed=None, ack: str = "applied",
+             on_ack: Callable[[str], None] | None = None,
              mass_delete: bool = False) -> PushReply:
-        """Send a change set; return the server's answer (see PushReply).
+        """Send a change set, or the parts of one (version 3, ACK applied:
+        ``engine.changeset.split``); return the server's answer (see PushReply).
 
-        Streams as it reads bodies.  A LOCKED answer that arrives while we
-        are still sending stops the stream at once (END ABORTED).
+        Streams as it reads bodies; with ``read_packed`` (``Store.read_packed``)
+        a version-3 server gets small bodies as they are stored.  A LOCKED
+        answer that arrives while we are still sending stops the stream at
+        once (END ABORTED).
         """
+        parts = cs if isinstance(cs, list) else [cs]
         if ack != "applied" and self.version < 2:
             raise P.ProtocolError(f"acknowledgement level {ack!r} needs protocol version 2; "
                                   f"the server speaks {self.version}", code="version")
-        self._send(P.Push(cs.user, ack, mass_delete))
+        if len(parts) > 1 and (ack != "applied" or self.version < P.PACKED_VERSION):
+            raise P.ProtocolError("a change set in parts needs protocol version 3 and ACK "
+                                  "applied", code="version")
+        self._send(P.Push(parts[0].user, ack, mass_delete))
         reply = PushReply()
         buf: list[bytes] = []
         size = 0
-        for ev in P.changeset_events(cs, read_body):
-            if isinstance(ev, P.ChangeSetEnd):
+        if self.version < P.PACKED_VERSION:
+            read_packed = None
+        for ev in P.parts_events(parts, read_body, read_packed=read_packed):
+            if isinstance(ev, P.ChangeSetEnd) and not ev.more:
                 break
             data = self.conn.send(ev)
             buf.append(data)
@@ -261,7 +274,7 @@ class Client:
             if size >= SEND_BUFFER:
                 self._sendall(b"".join(buf))
                 buf, size = [], 0
-                if self._readable(0):
+                if self.conn.sending_changeset and self._readable(0):
                     self._fill(None)
                     if any(isinstance(e, (P.Locked, P.No)) for e in self._events):
                         self._sendall(self.conn.send(P.ChangeSetEnd(aborted=True)))
@@ -282,7 +295,7 @@ class Client:
                 return reply
             reply.result = ev
             if ev.counter:
-                reply.counter, reply.counter_bodies = self._receive_changeset()
+                reply.counter, reply.counter_bodies, _ = self._receive_changeset()
             return reply
 
     def pull(self, user: str, base: dict) -> tuple[ChangeSet, BodySpool]:
@@ -291,10 +304,30 @@ class Client:
         The bodies come in a BodySpool (call ``close()`` on it when done).
         """
         self._send(P.Pull(user, dict(base)))
+        self._expect_changeset()
+        cs, spool, _ = self._receive_changeset()
+        return cs, spool
+
+    def pull_parts(self, user: str) -> Iterator[tuple[ChangeSet, BodySpool]]:
+        """A first full replication of ``user`` for a store that holds nothing of it:
+        (change set, its bodies) for each part as it arrives (one, from a server
+        older than version 3).  Apply each before asking for the next; read to the
+        end even when one fails, or the connection is out of step."""
+        if self.version < P.PACKED_VERSION:
+            yield self.pull(user, {})
+            return
+        self._send(P.Pull(user, {}, True))
+        self._expect_changeset()
+        more = True
+        while more:
+            cs, spool, more = self._receive_changeset()
+            yield cs, spool
+
+    def _expect_changeset(self) -> None:
         ev = self._next()
         if isinstance(ev, P.ChangeSetStart):
             self._events.appendleft(ev)
-            return self._receive_changeset()
+            return
         if isinstance(ev, P.No):
             raise RemoteError(ev.code, ev.text, subject=ev.user)
         if isinstance(ev, P.Bye):

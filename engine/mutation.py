@@ -364,8 +364,13 @@ class Mutation:
 
 
 # -- replication intents (issue 5; read by engine.replication) ---------------------
-INTENT_USER = b"u"      # intents table: b"u" + user name -> [modseq, time_ms, time log]
+INTENT_USER = b"u"      # intents table: b"u" + user name -> [modseq, time_ms, time log, seq]
 INTENT_LOG_LEN = 32     # (modseq, second) pairs kept: when the first unreplicated commit was
+# Which users committed lately, so that watchers read O(changed users), not every
+# user's row: b"t" + u64 seq -> user name, one row per user at its latest commit
+# sequence number; b"s" -> u64, the last sequence number given.
+INTENT_RECENT = b"t"
+INTENT_SEQ = b"s"
 
 
 def record_intent(txn, user: str, modseq: int) -> None:
@@ -378,12 +383,19 @@ def record_intent(txn, user: str, modseq: int) -> None:
     key = INTENT_USER + user.encode()
     now = time.time()
     raw = txn.get("intents", key)
-    log = unpackb(raw)[2] if raw is not None else []
+    old = unpackb(raw) if raw is not None else None
+    log = old[2] if old is not None else []
     second = int(now)
     if not log or log[-1][1] != second:
         log.append([modseq, second])
         del log[:-INTENT_LOG_LEN]
-    txn.put("intents", key, _pack([modseq, int(now * 1000), log]))
+    last = txn.get("intents", INTENT_SEQ)
+    seq = (U64.unpack(last)[0] if last is not None else 0) + 1
+    txn.put("intents", INTENT_SEQ, U64.pack(seq))
+    if old is not None and len(old) > 3:
+        txn.delete("intents", INTENT_RECENT + U64.pack(old[3]))
+    txn.put("intents", INTENT_RECENT + U64.pack(seq), user.encode())
+    txn.put("intents", key, _pack([modseq, int(now * 1000), log, seq]))
 
 
 def annotation_stamp_key(entry: str, userid: str) -> str:

@@ -21,9 +21,9 @@ Conversation
 ------------
 ::
 
-    C: HELLO  %(VERSIONS (1 2) SOFTWARE "modsync/0.1" STOREID "...")
-    S: WELCOME %(VERSION 2 VERSIONS (1 2) SOFTWARE ... STOREID "...")
-       | BYE %(CODE "version" TEXT "this server speaks protocol versions 1, 2 ...")
+    C: HELLO  %(VERSIONS (1 2 3) SOFTWARE "modsync/0.1" STOREID "...")
+    S: WELCOME %(VERSION 3 VERSIONS (1 2 3) SOFTWARE ... STOREID "...")
+       | BYE %(CODE "version" TEXT "this server speaks protocol versions 1, 2, 3 ...")
     C: AUTH   %(NAME "alice" PASSWORD "...")
     S: OK %(ACCOUNT "alice" ADMIN F)  |  NO %(CODE "auth" ...)  |  NO %(CODE "rate-limited" ...)
     then commands, each answered before the next (except FOLLOW, below):
@@ -34,7 +34,7 @@ Conversation
                                    RESULT %(... COUNTER T|F) [+ change set]  |  LOCKED  |  NO
                                    (LOCKED may come while the change set is still being
                                    sent; the sender then ends it with END %(ABORTED T))
-    C: PULL %(USER u BASE %(...))
+    C: PULL %(USER u BASE %(...) [PARTS T])
                                 S: change set  |  NO
     C: FOLLOW %(USERS (...)|NIL)   (version 2)
                                 S: OK, then CHANGED %(USER u MODSEQ n) whenever u changes,
@@ -46,6 +46,20 @@ Conversation
                  BODY %(ADDRESS OFFSET SIZE DATA)*   a big body in chunks, in order
                  BODIES ((address data) ...)*        small bodies, whole, many to a frame
                  END %(ABORTED F)                    (T: the sender gave up; discard it)
+    version 3:   ITEMS {n}                           the items in engine.changeset's msgpack
+                                                     form (encode_items), not DLIST values
+                 ZBODIES {n}                         small bodies as stored: a msgpack array of
+                                                     [address size method payload] (method 0:
+                                                     a zstd frame, 1: the bytes as they are)
+                 END %(MORE T)                       another change set follows: the parts of
+                                                     a first full replication (changeset.split)
+
+A first full replication (an empty base; for PULL, ``PARTS T`` says the
+puller holds nothing of the user) may travel as consecutive change sets,
+each legal on its own and applied in its own transaction as soon as it has
+arrived, while the next one arrives.  A PUSH in parts is answered once,
+after the last part (or the first that fails: the later ones are read and
+dropped); its ACK level is ``applied``.
 
 Versions
 --------
@@ -55,9 +69,14 @@ refuses (``BYE``, code ``version``) when there is none, naming the
 versions it speaks.  Version 1: accounts, LISTUSERS, GETSTATE, PUSH,
 PULL.  Version 2 adds FOLLOW / UNFOLLOW / CHANGED (live notification),
 LOCK / UNLOCK, and early acknowledgements (``PUSH ... ACK
-received|durable`` answered by ``ACK``) for synchronous replicas.  A
-version-2 message on a version-1 connection is a protocol error in both
-directions.
+received|durable`` answered by ``ACK``) for synchronous replicas.  Version
+3 changes only how a change set travels, for speed: items in
+``engine.changeset``'s msgpack form (decoded ~20 times faster than DLIST
+values: 3 against 60 µs a record), and small bodies as the sender's packs
+store them (``ZBODIES``), so that neither side compresses or decompresses a
+body twice; the receiver still checks every body against its address.  A
+message of a later version on an earlier version's connection is a
+protocol error in both directions.
 """
 from __future__ import annotations
 
@@ -65,13 +84,16 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
 from dlist.binary import decode_line, encode_line
 from dlist.errors import DlistProtocolError
 from dlist.limits import MAX_FILE
 from dlist.model import LIST, LITERAL, Line
 
 from . import errors
-from .changeset import ChangeSet, Item
+from .blobs import METHOD_RAW, METHOD_ZSTD
+from .changeset import ChangeSet, Item, decode_items, encode_items
 from .wire import (
     WireError,
     check_vv,
@@ -84,7 +106,7 @@ from .wire import (
 )
 
 #: Protocol versions this modsync speaks, oldest first.
-PROTOCOL_VERSIONS = (1, 2)
+PROTOCOL_VERSIONS = (1, 2, 3)
 SOFTWARE = "modsync/0.1"
 
 # -- limits ---------------------------------------------------------------------------
@@ -229,8 +251,11 @@ class Push(Event):
 
 @dataclass(frozen=True)
 class Pull(Event):
+    """``parts``: the puller holds nothing of the user and takes the answer in parts
+    (version 3; see ChangeSetEnd)."""
     user: str
     base: dict
+    parts: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -316,8 +341,18 @@ class Bodies(Event):
 
 
 @dataclass(frozen=True)
+class PackedBodies(Event):
+    """Whole small bodies as a pack stores them (version 3): ((address, size, method,
+    payload), ...); ``method`` is engine.blobs.METHOD_ZSTD or METHOD_RAW."""
+    bodies: tuple = field(repr=False)
+
+
+@dataclass(frozen=True)
 class ChangeSetEnd(Event):
+    """``more``: another change set of the same transfer follows (version 3): the
+    parts of a first full replication, ``engine.changeset.split``."""
     aborted: bool = False
+    more: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -327,7 +362,8 @@ class ConnectionClosed(Event):
 
 # Wire name, who sends it, the first version that has it, and its fields:
 # (wire field, attribute, type, required).  Types: str, int, bool, bytes,
-# "vv" (version vector), "ints"/"strs" (lists), "strs?" and "str?" (or NIL).
+# "vv" (version vector), "ints"/"strs" (lists), "strs?" and "str?" (or NIL),
+# or a function check(field name, value) -> value that raises WireError.
 C, S, BOTH = "client", "server", "both"
 _MESSAGES: dict[type, tuple[str, str, int, tuple]] = {
     Hello: ("HELLO", C, 1, (("VERSIONS", "versions", "ints", True),
@@ -350,7 +386,8 @@ _MESSAGES: dict[type, tuple[str, str, int, tuple]] = {
                             ("MODSEQ", "modseq", int, False))),
     Push: ("PUSH", C, 1, (("USER", "user", str, True), ("ACK", "ack", str, False),
                           ("MASSDELETE", "mass_delete", bool, False))),
-    Pull: ("PULL", C, 1, (("USER", "user", str, True), ("BASE", "base", "vv", True))),
+    Pull: ("PULL", C, 1, (("USER", "user", str, True), ("BASE", "base", "vv", True),
+                          ("PARTS", "parts", bool, False))),
     Result: ("RESULT", S, 1, (("USER", "user", str, True), ("STATUS", "status", str, True),
                               ("CODE", "code", str, False), ("REASON", "reason", str, False),
                               ("STATE", "state", "vv", False), ("WRITTEN", "written", int, False),
@@ -365,15 +402,35 @@ _MESSAGES: dict[type, tuple[str, str, int, tuple]] = {
     Logout: ("LOGOUT", C, 1, ()),
     Body: ("BODY", BOTH, 1, (("ADDRESS", "address", bytes, True), ("OFFSET", "offset", int, True),
                              ("SIZE", "size", int, True), ("DATA", "data", bytes, True))),
-    ChangeSetEnd: ("END", BOTH, 1, (("ABORTED", "aborted", bool, False),)),
+    ChangeSetEnd: ("END", BOTH, 1, (("ABORTED", "aborted", bool, False),
+                                    ("MORE", "more", bool, False))),
 }
+# Fields younger than their message: the first version that has them.
+_FIELD_SINCE = {(ChangeSetEnd, "MORE"): 3, (Pull, "PARTS"): 3}
 _BY_NAME = {spec[0]: cls for cls, spec in _MESSAGES.items()}
-_CHANGESET, _ITEMS, _BODIES = "CHANGESET", "ITEMS", "BODIES"
+_CHANGESET, _ITEMS, _BODIES, _ZBODIES = "CHANGESET", "ITEMS", "BODIES", "ZBODIES"
+
+
+def register_message(cls: type, name: str, sender: str, since: int, fields: tuple) -> None:
+    """Add a message defined by another module (``engine.archive_protocol``'s) to the
+    protocol, in the form of ``_MESSAGES``; such a module registers its messages when
+    imported, and both ends import it."""
+    if _BY_NAME.get(name, cls) is not cls or name in (_CHANGESET, _ITEMS, _BODIES, _ZBODIES):
+        raise ValueError(f"protocol message {name} is already defined")
+    if sender not in (C, S, BOTH):
+        raise ValueError(f"{name}: sender must be {C!r}, {S!r} or {BOTH!r}")
+    _MESSAGES[cls] = (name, sender, since, tuple(fields))
+    _BY_NAME[name] = cls
+#: The first version with items in msgpack form and ZBODIES.
+PACKED_VERSION = 3
+_ZBODY_TYPES = (bytes, int, int, bytes)       # address, size, method, payload
 
 _TYPE_NAMES = {str: "a string", int: "a number", bool: "T or F", bytes: "a literal"}
 
 
 def _check_field(name: str, value: Any, kind) -> Any:
+    if callable(kind) and not isinstance(kind, type):
+        return kind(name, value)
     if kind == "vv":
         return check_vv(value, name)
     if kind in ("ints", "strs", "strs?"):
@@ -483,6 +540,7 @@ class Connection:
         self._offset = 0            # stream offset of _buf[0]
         self._in: _ChangeSetStream | None = None    # change set being received
         self._out: _ChangeSetStream | None = None   # change set being sent
+        self._part_follows = False  # END MORE received: the next frame starts a change set
         self._sent_hello = False
 
     # -- state the transport may look at ---------------------------------------------
@@ -524,18 +582,19 @@ class Connection:
         out: list[Event] = []
         buf = self._buf
         pos = 0
-        while len(buf) - pos >= 4 and self.phase != CLOSED:
-            (n,) = _LEN.unpack_from(buf, pos)
-            at = self._offset + pos
-            limit = self.max_frame if self.phase == READY else MAX_FRAME_BEFORE_AUTH
-            if n == 0 or n > limit:
-                raise ProtocolError(f"frame of {n} bytes (this end accepts 1 to {limit} now)",
-                                    offset=at, code="too-large" if n else "protocol")
-            if len(buf) - pos - 4 < n:
-                break
-            payload = bytes(buf[pos + 4:pos + 4 + n])
-            pos += 4 + n
-            out.append(self._event(payload, at, n + 4))
+        with memoryview(buf) as view:       # frames are decoded in place, not copied out
+            while len(buf) - pos >= 4 and self.phase != CLOSED:
+                (n,) = _LEN.unpack_from(buf, pos)
+                at = self._offset + pos
+                limit = self.max_frame if self.phase == READY else MAX_FRAME_BEFORE_AUTH
+                if n == 0 or n > limit:
+                    raise ProtocolError(f"frame of {n} bytes (this end accepts 1 to {limit} "
+                                        f"now)", offset=at, code="too-large" if n else "protocol")
+                if len(buf) - pos - 4 < n:
+                    break
+                with view[pos + 4:pos + 4 + n] as payload:
+                    pos += 4 + n
+                    out.append(self._event(payload, at, n + 4))
         if pos:
             del buf[:pos]
             self._offset += pos
@@ -554,6 +613,8 @@ class Connection:
                 ev = self._items(line, at)
             elif verb == _BODIES:
                 ev = self._bodies(line, at)
+            elif verb == _ZBODIES:
+                ev = self._packed_bodies(line, at)
             elif verb == _CHANGESET:
                 ev = self._changeset_start(line, at)
             else:
@@ -563,6 +624,10 @@ class Connection:
                 ev = self._message(cls, line, at)
         except (WireError, DlistProtocolError) as e:
             raise ProtocolError(f"{verb[:20]}: {getattr(e, 'message', None) or e}", offset=at)
+        if self._part_follows and not isinstance(ev, (ChangeSetStart, Bye)):
+            raise ProtocolError(f"a change set announced another part, then came "
+                                f"{verb[:20]}", offset=at)
+        self._part_follows = False
         if self._in is not None:
             self._in.count(size, at)
             if isinstance(ev, Body):
@@ -570,6 +635,7 @@ class Connection:
             elif isinstance(ev, ChangeSetEnd):
                 self._in.end(ev, at)
                 self._in = None
+                self._part_follows = bool(ev.more) and not ev.aborted
         self._after_receive(ev)
         return ev
 
@@ -577,6 +643,17 @@ class Connection:
         if self._in is None:
             raise ProtocolError("ITEMS outside a change set", offset=at)
         node = line.value.node
+        if (self.version or 1) >= PACKED_VERSION:
+            if type(node) is not tuple or len(node) != 2 or node[0] != LITERAL \
+                    or type(node[1]) is not bytes:
+                raise ProtocolError("ITEMS value must be a literal (protocol version "
+                                    f"{self.version})", offset=at)
+            try:
+                items = decode_items(node[1])
+            except errors.ProtocolError as e:
+                raise ProtocolError(str(e), offset=at) from None
+            self._in.add_items(len(items), at)
+            return Items(tuple(items))
         if type(node) is not tuple or not node or node[0] != LIST:
             raise ProtocolError("ITEMS value must be a list", offset=at)
         self._in.add_items(len(node) - 1, at)
@@ -598,6 +675,45 @@ class Connection:
             self._in.add_small(n[1][1], len(n[2][1]), at)
             out.append((n[1][1], n[2][1]))
         return Bodies(tuple(out))
+
+    def _packed_bodies(self, line: Line, at: int) -> PackedBodies:
+        if (self.version or 1) < PACKED_VERSION:
+            raise ProtocolError(f"ZBODIES needs protocol version {PACKED_VERSION}; this "
+                                f"connection speaks {self.version}", offset=at)
+        if self._in is None:
+            raise ProtocolError("ZBODIES outside a change set", offset=at)
+        node = line.value.node
+        if type(node) is not tuple or len(node) != 2 or node[0] != LITERAL \
+                or type(node[1]) is not bytes:
+            raise ProtocolError("ZBODIES value must be a literal", offset=at)
+        try:
+            entries = msgpack.unpackb(node[1], use_list=False, raw=False, max_str_len=0,
+                                      max_map_len=0, max_ext_len=0)
+        except (ValueError, msgpack.UnpackException) as e:
+            raise ProtocolError(f"ZBODIES is not msgpack ({e})", offset=at) from None
+        if type(entries) is not tuple:
+            raise ProtocolError("ZBODIES holds a list of bodies", offset=at)
+        add_small = self._in.add_small
+        for e in entries:
+            if type(e) is not tuple or tuple(map(type, e)) != _ZBODY_TYPES or len(e[0]) != 32:
+                raise ProtocolError("ZBODIES entries are [address size method payload]",
+                                    offset=at)
+            address, size, method, payload = e
+            if not 0 <= size <= SMALL_BODY:
+                raise ProtocolError(f"ZBODIES: a body of {size} bytes (whole bodies are at "
+                                    f"most {SMALL_BODY})", offset=at, code="too-large")
+            if method == METHOD_RAW:
+                if len(payload) != size:
+                    raise ProtocolError(f"ZBODIES: body {address.hex()[:16]} is {len(payload)} "
+                                        f"bytes, not {size}", offset=at)
+            elif method != METHOD_ZSTD:
+                raise ProtocolError(f"ZBODIES: unknown storage method {method}", offset=at)
+            elif len(payload) >= size:
+                # A pack stores such a body raw (engine.blobs): no stored byte more.
+                raise ProtocolError(f"ZBODIES: body {address.hex()[:16]} compressed to "
+                                    f"{len(payload)} of its {size} bytes", offset=at)
+            add_small(address, size, at)
+        return PackedBodies(entries)
 
     def _changeset_start(self, line: Line, at: int) -> ChangeSetStart:
         if self.phase != READY:
@@ -627,6 +743,10 @@ class Connection:
                 if required:
                     raise ProtocolError(f"{name} without {wire_name}", offset=at)
                 continue
+            if _FIELD_SINCE.get((cls, wire_name), 1) > (self.version or 1):
+                raise ProtocolError(f"{name} {wire_name} needs protocol version "
+                                    f"{_FIELD_SINCE[cls, wire_name]}; this connection speaks "
+                                    f"{self.version}", offset=at)
             kwargs[attr] = _check_field(wire_name, f[wire_name], kind)
         try:
             ev = cls(**kwargs)
@@ -693,6 +813,8 @@ class Connection:
             if self._out is None:
                 raise ProtocolError("ITEMS outside a change set")
             self._out.add_items(len(event.items), None)
+            if self.version >= PACKED_VERSION:
+                return self._frame(_ITEMS, (LITERAL, encode_items(event.items)))
             return self._frame(_ITEMS, (LIST, *map(item_node, event.items)))
         if isinstance(event, Bodies):
             if self._out is None:
@@ -701,6 +823,15 @@ class Connection:
                 self._out.add_small(a, len(d), None)
             return self._frame(_BODIES, (LIST, *[(LIST, (LITERAL, a), (LITERAL, bytes(d)))
                                                  for a, d in event.bodies]))
+        if isinstance(event, PackedBodies):
+            if (self.version or 1) < PACKED_VERSION:
+                raise ProtocolError(f"ZBODIES needs protocol version {PACKED_VERSION}; this "
+                                    f"connection speaks {self.version}", code="version")
+            if self._out is None:
+                raise ProtocolError("ZBODIES outside a change set")
+            for a, size, _method, _payload in event.bodies:
+                self._out.add_small(a, size, None)
+            return self._frame(_ZBODIES, (LITERAL, msgpack.packb(event.bodies)))
         spec = _MESSAGES.get(type(event))
         if spec is None:
             raise TypeError(f"{event!r} is not a protocol event")
@@ -724,6 +855,10 @@ class Connection:
             v = getattr(event, attr)
             if v is None and not required:
                 continue
+            if _FIELD_SINCE.get((type(event), wire_name), 1) > (self.version or 1):
+                raise ProtocolError(f"{name} {wire_name} needs protocol version "
+                                    f"{_FIELD_SINCE[type(event), wire_name]}; this connection "
+                                    f"speaks {self.version}", code="version")
             if kind in ("ints", "strs", "strs?"):
                 v = list(v)
             values[wire_name] = v
@@ -759,17 +894,27 @@ class Connection:
             self.phase = READY
 
 
-def changeset_events(cs: ChangeSet, read_body, *, chunk: int = BODY_CHUNK,
-                     items_per_frame: int = ITEMS_PER_FRAME):
-    """The events that send ``cs``: CHANGESET, ITEMS..., BODIES/BODY..., END.
+def changeset_events(cs: ChangeSet, read_body, *, read_packed=None, more: bool = False,
+                     chunk: int = BODY_CHUNK, items_per_frame: int = ITEMS_PER_FRAME):
+    """The events that send ``cs``: CHANGESET, ITEMS..., BODIES/ZBODIES/BODY..., END
+    (``END MORE``: another part follows, version 3).
 
     ``read_body(address) -> bytes`` supplies each listed body when its turn
-    comes (lazily, one body at a time).
+    comes (lazily, one body at a time).  With ``read_packed(addresses, limit)``
+    yielding (address, (method, payload, size)), or (address, None) for a body
+    over ``limit`` bytes (for a version-3 connection: ``Store.read_packed``),
+    small bodies go as stored (ZBODIES), in the order it gives them, and only
+    big ones are read whole.
     """
     yield ChangeSetStart(cs, len(cs.items))
     items = cs.items
     for i in range(0, len(items), items_per_frame):
         yield Items(tuple(items[i:i + items_per_frame]))
+    end = ChangeSetEnd(more=True) if more else ChangeSetEnd()
+    if read_packed is not None:
+        yield from _packed_body_events(cs.bodies, read_body, read_packed, chunk)
+        yield end
+        return
     batch, batch_bytes = [], 0
     for address in cs.bodies:
         data = read_body(address)
@@ -784,12 +929,43 @@ def changeset_events(cs: ChangeSet, read_body, *, chunk: int = BODY_CHUNK,
         if batch:
             yield Bodies(tuple(batch))
             batch, batch_bytes = [], 0
-        view = memoryview(data)
-        for off in range(0, size, chunk):
-            yield Body(address, off, size, bytes(view[off:off + chunk]))
+        yield from _chunks(address, data, chunk)
     if batch:
         yield Bodies(tuple(batch))
-    yield ChangeSetEnd()
+    yield end
+
+
+def parts_events(parts: list[ChangeSet], read_body, *, read_packed=None):
+    """The events that send the parts of one transfer (``engine.changeset.split``)."""
+    for k, part in enumerate(parts):
+        yield from changeset_events(part, read_body, read_packed=read_packed,
+                                    more=k < len(parts) - 1)
+
+
+def _packed_body_events(addresses, read_body, read_packed, chunk: int):
+    batch, batch_bytes = [], 0
+    for address, stored in read_packed(addresses, min(SMALL_BODY, chunk)):
+        if stored is not None:
+            method, payload, size = stored
+            if batch_bytes + len(payload) > chunk and batch:
+                yield PackedBodies(tuple(batch))
+                batch, batch_bytes = [], 0
+            batch.append((address, size, method, payload))
+            batch_bytes += len(payload)
+            continue
+        if batch:
+            yield PackedBodies(tuple(batch))
+            batch, batch_bytes = [], 0
+        yield from _chunks(address, read_body(address), chunk)
+    if batch:
+        yield PackedBodies(tuple(batch))
+
+
+def _chunks(address: bytes, data: bytes, chunk: int):
+    view = memoryview(data)
+    size = len(data)
+    for off in range(0, size, chunk):
+        yield Body(address, off, size, bytes(view[off:off + chunk]))
 
 
 def _list(versions) -> str:
@@ -819,6 +995,7 @@ __all__ = [
     "Logout",
     "No",
     "Ok",
+    "PackedBodies",
     "ProtocolError",
     "Pull",
     "Push",
@@ -829,4 +1006,5 @@ __all__ = [
     "Users",
     "Welcome",
     "changeset_events",
+    "parts_events",
 ]

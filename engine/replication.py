@@ -7,7 +7,9 @@ table, never replicated):
   ``[modseq, time_ms, log]`` in the same LMDB transaction
   (``engine.mutation.record_intent``), so no committed change escapes
   replication: a pusher that crashed, or was never running, finds every
-  user whose changes a replica has not acknowledged.
+  user whose changes a replica has not acknowledged.  The same transaction
+  moves the user's row in a recent-commit index (``b"t"`` + commit sequence
+  number), so watchers (``CommitWatch``) read only the users who committed.
 * **Peer cache.**  A pusher remembers, per replica (by its store id) and
   user, the replica's last acknowledged state (version vector) and the
   local modseq it covered: ``b"p" + peer + b"\\0" + user``.  It builds change
@@ -33,6 +35,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,10 +43,13 @@ import msgpack
 
 from . import acl
 from .apply import ApplyResult, LegalityError, apply
-from .changeset import ChangeSet, build, state_of, vv_le
+from .changeset import ChangeSet, build, split, state_of, vv_le
 from .client import Client, Disconnected, RemoteError
 from .errors import FullSyncNeeded, ModsyncError, NoSuchUser, ProtocolError
-from .mutation import INTENT_USER
+from .protocol import PACKED_VERSION
+from .db import prefix_end
+from .model import U64
+from .mutation import INTENT_RECENT, INTENT_SEQ, INTENT_USER
 from .store import Store
 
 log = logging.getLogger("modsync.replication")
@@ -116,24 +122,63 @@ class Intent:
 
 
 def read_intents(store: Store) -> dict[str, Intent]:
-    return read_intents_at(store)[0]
-
-
-def read_intents_at(store: Store) -> tuple[dict[str, Intent], int]:
-    """Every user's intent, and the id of the LMDB snapshot they were read from.
-
-    Watchers compare that id (not ``Database.last_txnid()``, which a
-    committing writer moves a moment before new readers see its data) with
-    the latest to know whether to look again.
-    """
-    out = {}
+    """Every user's intent (for ``modsync status``; watchers use CommitWatch)."""
     with store.db.read() as txn:
-        snapshot = txn.snapshot_id()
-        for k, v in txn.prefix("intents", INTENT_USER):
-            m, t, lg = _unpack(v)
-            user = k[1:].decode()
-            out[user] = Intent(user, m, t, lg)
-    return out, snapshot
+        return _all_intents(txn)
+
+
+def _all_intents(txn) -> dict[str, Intent]:
+    out = {}
+    for k, v in txn.prefix("intents", INTENT_USER):
+        user = k[1:].decode()
+        out[user] = _intent(user, v)
+    return out
+
+
+def _intent(user: str, raw: bytes) -> Intent:
+    m, t, lg = _unpack(raw)[:3]
+    return Intent(user, m, t, lg)
+
+
+class CommitWatch:
+    """Which users committed since the last look, at a cost of O(those users).
+
+    For watchers (a rolling pusher, a server telling its followers): each
+    commit also moves its user's row in the intents table's recent-commit
+    index (``engine.mutation.record_intent``), so a look reads only the rows
+    of users who committed since the previous one.
+    """
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.snapshot: int | None = None   # the LMDB snapshot last read
+        self._seq: int | None = None       # the commit sequence number it reached
+
+    def poll(self) -> dict[str, Intent] | None:
+        """The intents of the users who committed since the last poll (the first poll:
+        every user's), or None when nothing was committed since.
+
+        Compares LMDB's last transaction id with the snapshot last read (not with
+        ``Database.last_txnid()`` as last seen, which a committing writer moves a
+        moment before new readers see its data).
+        """
+        if self.snapshot is not None and self.store.db.last_txnid() == self.snapshot:
+            return None
+        with self.store.db.read() as txn:
+            self.snapshot = txn.snapshot_id()
+            last = txn.get("intents", INTENT_SEQ)
+            seq = U64.unpack(last)[0] if last is not None else 0
+            if self._seq is None:
+                out = _all_intents(txn)
+            else:
+                out = {}
+                start = INTENT_RECENT + U64.pack(self._seq + 1)
+                for _k, name in txn.range("intents", start, prefix_end(INTENT_RECENT)):
+                    raw = txn.get("intents", INTENT_USER + name)
+                    if raw is not None:
+                        out[name.decode()] = _intent(name.decode(), raw)
+            self._seq = seq
+        return out
 
 
 def local_modseq(store: Store, user: str) -> int:
@@ -413,16 +458,33 @@ def receive_push(store: Store, account, cs: ChangeSet, bodies, *,
     """
     authorize_push(store, account, cs)
     full_view = account.admin or account.name == cs.user
-    return apply(store, cs, bodies=bodies, merge=acknowledged or not full_view,
-                 allow_mass_delete=allow_mass_delete)
+    result = apply(store, cs, bodies=bodies, merge=acknowledged or not full_view,
+                   allow_mass_delete=allow_mass_delete)
+    if result.counter is not None and not full_view:
+        try:       # the sender gets back only what it may read, as from a pull
+            result.counter = readable_part(store, account, result.counter)
+        except acl.AclDenied:
+            result.counter = None
+    return result
 
 
-def changes_for(store: Store, account, user: str, base: dict) -> ChangeSet:
-    """What a puller at ``base`` lacks of ``user``, cut to what ``account`` may read."""
+def changes_for(store: Store, account, user: str, base: dict, *,
+                parts: bool = False) -> ChangeSet | list[ChangeSet]:
+    """What a puller at ``base`` lacks of ``user``, cut to what ``account`` may read;
+    with ``parts``, as the parts of a first full replication (``changeset.split``)."""
     cs = build(store, user, base)
     if not (account.admin or account.name == user):
-        cs = acl.filter_pull(store, account.name, cs)
-    return cs
+        cs = readable_part(store, account, cs)
+    return split(cs) if parts else cs
+
+
+def readable_part(store: Store, account, cs: ChangeSet) -> ChangeSet:
+    """``cs`` cut to the mailboxes ``account`` may read, with those that became
+    readable since ``cs.base`` whole (``acl.became_readable``)."""
+    whole = acl.became_readable(store, account.name, cs)
+    if whole:
+        cs = build(store, cs.user, cs.base, whole=whole)
+    return acl.filter_pull(store, account.name, cs)
 
 
 def visible_users(store: Store, account) -> list[str]:
@@ -578,6 +640,10 @@ class Pusher(_PeerLink):
                 log.warning("%s is below our tombstone horizon for %s; sending the full state",
                             self.address, user)
                 cs = build(self.store, user, {})
+            if not peer_vv and self.ack == "applied" and client.version >= PACKED_VERSION \
+                    and (client.admin or client.account == user):
+                # A first full replication: in parts, each applied as it arrives.
+                cs = split(cs)
             # Even without items the change set is sent: the replica takes in its
             # state (our vector covers stamps that newer changes have superseded).
 
@@ -585,7 +651,8 @@ class Pusher(_PeerLink):
                 if self.on_ack is not None:
                     self.on_ack(_user, level, _modseq)
             try:
-                reply = client.push(cs, self.store.read_body, ack=self.ack, on_ack=acked,
+                reply = client.push(cs, self.store.read_body, read_packed=self.store.read_packed,
+                                    ack=self.ack, on_ack=acked,
                                     mass_delete=self.allow_mass_delete)
             except RemoteError as e:
                 book.error(user, f"{e.code}: {e.text}")
@@ -602,7 +669,7 @@ class Pusher(_PeerLink):
                         self.on_ack(user, "applied", modseq)
                     return UserOutcome(user, "sent", res.status, res.written, rnd)
                 if reply.counter is not None and reply.counter.items:
-                    merged = apply(self.store, reply.counter, bodies=reply.counter_bodies.get,
+                    merged = apply(self.store, reply.counter, bodies=reply.counter_bodies,
                                    merge=True, allow_mass_delete=self.allow_mass_delete)
                     log.info("%s: %s changed there too; merged %d of its changes (%s)",
                              self.address, user, merged.written, merged.status)
@@ -704,12 +771,12 @@ class Pusher(_PeerLink):
         due: dict[str, float] = {}             # user -> when to push it next
         backoff: dict[str, float] = {}
         seen: dict[str, int] = {}              # intent modseq already queued
-        snapshot = None
+        watch = CommitWatch(self.store)
         delay = RECONNECT
         first = True
         while not stop.is_set():
-            if self.store.db.last_txnid() != snapshot:
-                intents, snapshot = read_intents_at(self.store)
+            intents = watch.poll()
+            if intents is not None:
                 for user, it in intents.items():
                     if (only is None or user in only) and (first or it.modseq > seen.get(user, -1)):
                         seen[user] = it.modseq
@@ -770,6 +837,8 @@ class Puller(_PeerLink):
             return UserOutcome(user, "locked", "locked in this store")
         try:
             base = local_state(self.store, user)
+            if not base:
+                return self._pull_parts(client, user)
             try:
                 cs, spool = client.pull(user, base)
             except RemoteError as e:
@@ -781,7 +850,7 @@ class Puller(_PeerLink):
                 if not cs.items and vv_le(cs.state, base):
                     self.book.ack(user, cs.state, 0)
                     return UserOutcome(user, "nothing")
-                res = apply(self.store, cs, bodies=spool.get, merge=True,
+                res = apply(self.store, cs, bodies=spool, merge=True,
                             allow_mass_delete=self.allow_mass_delete)
             except ModsyncError as e:
                 self.book.error(user, str(e))
@@ -793,6 +862,49 @@ class Puller(_PeerLink):
                                res.written)
         finally:
             lock.release()
+
+    def _pull_parts(self, client: Client, user: str) -> UserOutcome:
+        """A first full replication: each part is applied (in a thread) while the next
+        one arrives.  After a failure the rest is read and dropped; what was applied
+        stays, an exact state the next pull continues from."""
+        written, failure, res, state = 0, None, None, {}
+        pending = None
+
+        def settle():
+            nonlocal written, failure, res, pending
+            fut, spool = pending
+            pending = None
+            try:
+                res = fut.result()
+                written += res.written
+            except ModsyncError as e:
+                failure = failure or str(e)
+            finally:
+                spool.close()
+        try:
+            parts = client.pull_parts(user)
+            with ThreadPoolExecutor(1, thread_name_prefix="modsync-apply") as ex:
+                try:
+                    for cs, spool in parts:
+                        if pending is not None:
+                            settle()
+                        if failure is not None:
+                            spool.close()
+                            continue
+                        pending = (ex.submit(apply, self.store, cs, bodies=spool, merge=True,
+                                             allow_mass_delete=self.allow_mass_delete), spool)
+                        state = cs.state
+                finally:
+                    if pending is not None:
+                        settle()
+        except RemoteError as e:
+            self.book.error(user, f"{e.code}: {e.text}")
+            return UserOutcome(user, "error", f"{e.code}: {e.text}")
+        if failure is not None:
+            self.book.error(user, failure)
+            return UserOutcome(user, "error", failure)
+        self.book.ack(user, state, 0)
+        return UserOutcome(user, "sent" if written else "nothing", res.status, written)
 
     def pull_once(self, users: list[str] | None = None, *, retries: int = 3) -> PassReport:
         report = PassReport()
@@ -870,6 +982,7 @@ class Puller(_PeerLink):
 
 
 __all__ = [
+    "CommitWatch",
     "DrainReport",
     "Intent",
     "PassReport",
@@ -887,7 +1000,6 @@ __all__ = [
     "local_only_ranges",
     "queue_changeset",
     "read_intents",
-    "read_intents_at",
     "receive_push",
     "record_local_only",
     "replay_queue",

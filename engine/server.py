@@ -31,19 +31,20 @@ from dataclasses import dataclass, field
 
 from . import protocol as P
 from .accounts import check_password
+from .archive_protocol import ArchiveRequest
 from .acl import AclDenied, may_read_user
 from .apply import LegalityError
 from .client import parse_address
 from .errors import FullSyncNeeded, ModsyncError, NoSuchUser, UsageError
 from .replication import (
     WATCH_INTERVAL,
+    CommitWatch,
     UserLock,
     changes_for,
     dequeue,
     is_locked,
     local_state,
     queue_changeset,
-    read_intents_at,
     receive_push,
     replay_queue,
     visible_users,
@@ -97,6 +98,7 @@ class ServerSettings:
     versions: tuple = P.PROTOCOL_VERSIONS
     allow_mass_delete: bool = False
     sync: object = None                # engine.syncrep.SyncSettings, or None
+    archives: str | None = None        # --archives DIR (engine.archive_service)
 
 
 class AuthLimiter:
@@ -140,8 +142,9 @@ class Server:
         self._stop: asyncio.Event | None = None
         self._watch_task = None
         self.modseqs: dict[str, int] = {}
-        self._scanned = None             # LMDB snapshot the last scan read
+        self._commits = CommitWatch(store)
         self.syncrep = None
+        self.archives = None             # engine.archive_service.ArchiveService
         self.stats = {"connections": 0, "cut_off": 0, "pushes": 0, "pulls": 0,
                       "auth_failures": 0}
 
@@ -159,6 +162,9 @@ class Server:
         self._stop = asyncio.Event()
         if not (self.settings.listen or self.settings.unix):
             raise UsageError("nothing to listen on: give --listen HOST:PORT or --unix PATH")
+        if self.settings.archives is not None:
+            from .archive_service import ArchiveService
+            self.archives = ArchiveService(self.settings.archives)
         n = await asyncio.to_thread(replay_queue, self.store,
                                     allow_mass_delete=self.settings.allow_mass_delete)
         if n:
@@ -177,7 +183,7 @@ class Server:
             self.addresses.append(f"unix:{path}")
         for text in self.settings.csync:
             self.addresses.append(await self._start_csync(text))
-        intents, self._scanned = read_intents_at(self.store)
+        intents = self._commits.poll() or {}
         self.modseqs = {u: i.modseq for u, i in intents.items()}
         self._watch_task = asyncio.create_task(self._watch())
         if self.settings.sync is not None:
@@ -237,6 +243,8 @@ class Server:
         if self.syncrep is not None:
             await asyncio.to_thread(self.syncrep.stop)
             self.stats["sync"] = dict(self.syncrep.metrics)
+        if self.archives is not None:
+            self.archives.close()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.stopping:
@@ -253,11 +261,9 @@ class Server:
 
     # -- watching for commits (for followers and synchronous replicas) ----------------------
     async def _watch(self) -> None:
-        db = self.store.db
         while True:
             try:
-                if db.last_txnid() != self._scanned:
-                    await self.scan_commits()
+                await self.scan_commits()
             except asyncio.CancelledError:
                 raise
             except Exception:   # pragma: no cover - keep watching whatever happens
@@ -265,8 +271,11 @@ class Server:
             await asyncio.sleep(WATCH_INTERVAL)
 
     async def scan_commits(self) -> None:
-        """Tell followers about every user whose intent moved since the last scan."""
-        intents, self._scanned = read_intents_at(self.store)
+        """Tell followers about every user whose intent moved since the last scan
+        (reading only those users' rows: engine.replication.CommitWatch)."""
+        intents = self._commits.poll()
+        if not intents:
+            return
         changed = []
         for user, it in intents.items():
             if it.modseq > self.modseqs.get(user, 0):
@@ -308,6 +317,7 @@ class Session:
         self.locks: dict[str, UserLock] = {}
         self.send_lock = asyncio.Lock()
         self.received_in = 0.0
+        self.part_follows = False       # the change set just received announced another
 
     # -- transport -----------------------------------------------------------------------
     async def _read_event(self, timeout: float) -> P.Event:
@@ -485,6 +495,9 @@ class Session:
             if lock is not None:
                 lock.release()
             await self.send(P.Ok("unlocked"))
+        elif isinstance(ev, ArchiveRequest):
+            from .archive_service import dispatch
+            await dispatch(self, ev)
         elif isinstance(ev, P.ChangeSetStart):
             raise P.ProtocolError("a change set must follow PUSH")
         else:
@@ -526,7 +539,9 @@ class Session:
 
     # -- push ---------------------------------------------------------------------------------
     async def _receive(self, user: str, *, discard: bool = False):
-        """Read the change set that follows a PUSH: (cs, spool), or None if discarded/aborted."""
+        """Read one change set that follows a PUSH: (cs, spool), or None if discarded or
+        aborted.  ``part_follows`` then says whether another part of it follows."""
+        self.part_follows = False
         ev = await self._read_event(self.server.settings.stall_timeout)
         if not isinstance(ev, P.ChangeSetStart):
             raise P.ProtocolError(f"PUSH must be followed by a change set, not "
@@ -540,10 +555,13 @@ class Session:
                 ev = await self._read_event(self.server.settings.stall_timeout)
                 if incoming is None:
                     if isinstance(ev, P.ChangeSetEnd):
+                        self.part_follows = bool(ev.more) and not ev.aborted
                         return None
                     continue
                 if isinstance(ev, P.Items):
                     incoming.add_items(ev.items)
+                elif isinstance(ev, P.PackedBodies):
+                    incoming.packed_bodies(ev.bodies)
                 elif isinstance(ev, P.Bodies):
                     for a, d in ev.bodies:
                         incoming.whole_body(a, d)
@@ -553,11 +571,20 @@ class Session:
                     if ev.aborted:
                         incoming.discard()
                         return None
+                    self.part_follows = bool(ev.more)
                     return incoming.finish()
         except BaseException:
             if incoming is not None:
                 incoming.discard()
             raise
+
+    async def _discard(self, user: str, *, started: bool = False) -> None:
+        """Read and drop a pushed change set, every part of it (``started``: the parts
+        after the one just received)."""
+        if not started:
+            await self._receive(user, discard=True)
+        while self.part_follows:
+            await self._receive(user, discard=True)
 
     async def _push(self, ev: P.Push) -> None:
         user = ev.user
@@ -565,15 +592,19 @@ class Session:
         if user not in self.locks and await asyncio.to_thread(is_locked, self.store, user):
             # Answer at once; the pusher stops streaming when it sees this.
             await self.send(P.Locked(user, "the user is locked on the receiver"))
-            await self._receive(user, discard=True)
+            await self._discard(user)
             return
         t0 = time.monotonic()
         got = await self._receive(user)
+        more = self.part_follows
         self.received_in = time.monotonic() - t0
         if got is None:
             await self.send(P.No("aborted", "the change set was abandoned", user))
             return
         cs, spool = got
+        if more and ev.ack != "applied":
+            spool.close()
+            raise P.ProtocolError(f"a PUSH with ACK {ev.ack} carries one change set, not parts")
         try:
             if ev.ack == "received":
                 await self.send(P.Ack(user, "received"))
@@ -583,22 +614,78 @@ class Session:
                 lock = UserLock(self.store, user)
                 if not await asyncio.to_thread(lock.acquire):
                     await self.send(P.Locked(user, "the user is locked on the receiver"))
+                    await self._discard(user, started=True)
                     return
             try:
-                await self._apply_push(ev, cs, spool)
+                if more:
+                    await self._apply_parts(ev, cs, spool)
+                else:
+                    await self._apply_push(ev, cs, spool)
             finally:
                 if own:
                     lock.release()
         finally:
             spool.close()
 
+    async def _apply_parts(self, ev: P.Push, cs, spool) -> None:
+        """Apply a change set in parts, each as soon as it has arrived, while the next
+        one arrives; answer once, after the last part or the first that failed."""
+        user = ev.user
+        pending = asyncio.ensure_future(self._apply_one(ev, cs, spool))
+        stop = None              # the answer of the part that failed
+        last, written, more = None, 0, True
+        try:
+            while pending is not None:
+                t0 = time.monotonic()
+                got = await self._receive(user) if more else None
+                nxt_more = self.part_follows
+                self.received_in = time.monotonic() - t0
+                out = await pending
+                pending = None
+                if isinstance(out, P.No) or out.status == "rejected":
+                    stop = out
+                else:
+                    last, written = out, written + out.written
+                if more and got is None and stop is None:
+                    stop = P.No("aborted", "the change set was abandoned", user)
+                if stop is not None:
+                    if got is not None:
+                        got[1].close()
+                    await self._discard(user, started=True)
+                    break
+                if got is not None:
+                    pending = asyncio.ensure_future(self._apply_one(ev, *got))
+                more = nxt_more
+        except BaseException:
+            if pending is not None:     # the part in hand commits or not, whole, before we go
+                await asyncio.wait([pending])
+            raise
+        if isinstance(stop, P.No):
+            await self.send(stop)
+            return
+        await self._answer(ev, stop or last, written)
+
     async def _apply_push(self, ev: P.Push, cs, spool) -> None:
         user = ev.user
-        s = self.server.settings
         queued = None
         if ev.ack == "durable":
             queued = await asyncio.to_thread(queue_changeset, self.store, cs, spool.get)
             await self.send(P.Ack(user, "durable"))
+        try:
+            out = await self._apply_one(ev, cs, spool)
+        finally:
+            if queued is not None:
+                await asyncio.to_thread(dequeue, self.store, queued)
+        if isinstance(out, P.No):
+            await self.send(out)
+            return
+        await self._answer(ev, out, out.written)
+
+    async def _apply_one(self, ev: P.Push, cs, spool):
+        """Apply one received change set (closing its spool): the ApplyResult, or the NO
+        that refuses it."""
+        user = ev.user
+        s = self.server.settings
         try:
             # The sender may ask to remove most of a user's mail on its own account's
             # authority; otherwise only the server's setting allows it.
@@ -606,53 +693,56 @@ class Session:
                                                                self.account.name == user))
             t0 = time.monotonic()
             result = await asyncio.to_thread(receive_push, self.store, self.account, cs,
-                                             spool.get, allow_mass_delete=mass,
+                                             spool, allow_mass_delete=mass,
                                              acknowledged=ev.ack != "applied")
             log.info("%s (%s): push of %s: %s, %d items, %d bodies (%.1f MB) received in "
                      "%.3f s, applied in %.3f s", self.peer, self.account.name, user,
                      result.status, len(cs.items), len(cs.bodies), spool.total / 1e6,
                      self.received_in, time.monotonic() - t0)
+            return result
         except AclDenied as e:
             log.warning("%s (%s): refused push of %s: %s", self.peer, self.account.name, user, e)
-            await self.send(P.No("acl", str(e), user))
-            return
+            return P.No("acl", str(e), user)
         except LegalityError as e:
             log.warning("%s (%s): refused push of %s: %s: %s", self.peer, self.account.name,
                         user, e.code, e)
-            await self.send(P.No("legality", f"{e.code}: {e}", user))
-            return
+            return P.No("legality", f"{e.code}: {e}", user)
         except FullSyncNeeded as e:
-            await self.send(P.No("full-sync-needed", str(e), user))
-            return
+            return P.No("full-sync-needed", str(e), user)
         except ModsyncError as e:
             log.warning("%s: push of %s failed: %s", self.peer, user, e)
-            await self.send(P.No(e.code, str(e), user))
-            return
+            return P.No(e.code, str(e), user)
         except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
             # A change set whose fields make no sense: apply ran in one
             # transaction, so nothing of it was written.
             log.warning("%s: malformed change set for %s refused: %s: %s", self.peer, user,
                         type(e).__name__, e)
-            await self.send(P.No("malformed", f"malformed change set ({type(e).__name__}: {e})",
-                                 user))
-            return
+            return P.No("malformed", f"malformed change set ({type(e).__name__}: {e})", user)
         finally:
-            if queued is not None:
-                await asyncio.to_thread(dequeue, self.store, queued)
+            spool.close()
+
+    async def _answer(self, ev: P.Push, result, written: int) -> None:
+        """RESULT for an applied (or rejected) push, with the counter change set if any."""
+        user = ev.user
         if result.status in ("applied", "merged") and self.server.syncrep is not None:
             await self.server.syncrep.wait_async(user, self.store.user_info(user).modseq)
         vv = await asyncio.to_thread(local_state, self.store, user)
         counter = result.counter if result.status == "rejected" else None
         has_counter = counter is not None and bool(counter.items)
-        await self.send(P.Result(user, result.status, result.code, result.reason, vv,
-                                 result.written, has_counter))
+        status = result.status if result.status == "rejected" or not written else (
+            "merged" if result.status == "merged" else "applied")
+        await self.send(P.Result(user, status, result.code, result.reason, vv, written,
+                                 has_counter))
         if has_counter:
             await self._send_changeset(counter)
-        if result.written:
+        if written:
             await self.server.scan_commits()
 
     async def _send_changeset(self, cs) -> None:
-        events = P.changeset_events(cs, self.store.read_body)
+        """Send a change set, or the parts of one (a list), reading bodies in a thread."""
+        packed = self.store.read_packed if self.conn.version >= P.PACKED_VERSION else None
+        events = P.parts_events(cs if isinstance(cs, list) else [cs], self.store.read_body,
+                                read_packed=packed)
 
         def take() -> bytes:
             out, size = [], 0
@@ -673,8 +763,12 @@ class Session:
     # -- pull ------------------------------------------------------------------------------------
     async def _pull(self, ev: P.Pull) -> None:
         self.server.stats["pulls"] += 1
+        # A puller that holds nothing of the user may take it in parts (each applied
+        # as it arrives); ACL-filtered answers go whole.
+        parts = ev.parts and (self.account.admin or self.account.name == ev.user)
         try:
-            cs = await asyncio.to_thread(changes_for, self.store, self.account, ev.user, ev.base)
+            cs = await asyncio.to_thread(changes_for, self.store, self.account, ev.user, ev.base,
+                                         parts=bool(parts))
         except AclDenied as e:
             await self.send(P.No("acl", str(e), ev.user))
             return

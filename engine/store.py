@@ -34,7 +34,7 @@ from .blobs import BlobStore, Location, address_of, sha1_of
 from .db import Database, Txn, prefix_end
 from .errors import (
     MailboxExists, NoSuchMailbox, NoSuchMessage, NoSuchObject, NotAStore, SchemaVersionError,
-    UsageError,
+    StoreCorrupt, UsageError,
 )
 from .model import (
     ACL, ANNOTATION, KIND_CLASSES, KIND_NAMES, MAILBOX, QUOTA, RECORD, SEEN, SIEVE,
@@ -332,6 +332,32 @@ class Store:
             raise NoSuchMessage(f"no body with address {address.hex()} in this store",
                                 subject=address.hex())
         return self.blobs.read(address, Location.from_list(unpackb(raw)))
+
+    def read_packed(self, addresses, max_size: int | None = None):
+        """Bodies as their packs store them: (address, (method, payload, size)) for each,
+        or (address, None) for one bigger than ``max_size`` (those last), in pack order
+        so that neighbours are read together.  Not decompressed, so not checked against
+        their addresses: for handing bodies to a peer that stores them as they are and
+        checks them itself."""
+        with self.db.read() as txn:
+            found = []
+            for address in addresses:
+                raw = txn.get("blobs", address)
+                if raw is None:
+                    raise NoSuchMessage(f"no body with address {address.hex()} in this store",
+                                        subject=address.hex())
+                found.append((address, Location.from_list(unpackb(raw))))
+        small = sorted((f for f in found if max_size is None or f[1].size <= max_size),
+                       key=lambda f: (f[1].pack, f[1].offset))
+        entries = self.blobs.read_stored_many([loc for _, loc in small])
+        for (address, loc), (method, header_address, payload) in zip(small, entries):
+            if header_address != address:
+                raise StoreCorrupt(f"blob {address.hex()}: pack {loc.pack} holds another blob "
+                                   f"at offset {loc.offset}", subject=address.hex())
+            yield address, (method, payload, loc.size)
+        for address, loc in found:
+            if max_size is not None and loc.size > max_size:
+                yield address, None
 
     # -- reads ----------------------------------------------------------------------
     def users(self) -> list[str]:

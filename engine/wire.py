@@ -46,6 +46,7 @@ from typing import Any
 
 from dlist.model import KVLIST, LIST, LITERAL, NIL_TOKEN
 
+from .blobs import unpack_stored, unpack_stored_async
 from .changeset import ChangeSet, Item
 from .errors import ProtocolError
 from .model import KIND_CLASSES
@@ -296,7 +297,13 @@ class BodySpool:
     """Bodies of one incoming change set, by address; written in chunks, read whole.
 
     ``get(address)`` returns the bytes (or None): the ``bodies`` callable
-    ``engine.apply.apply`` takes.  ``close()`` drops them (and the file).
+    ``engine.apply.apply`` takes.  Bodies that came as a pack stores them
+    (protocol version 3) are kept that way: ``stored(address)`` gives
+    (method, payload, size), so that apply writes them without compressing
+    again.  Those held in memory are decompressed at once on the compression
+    threads (one GIL-free call per frame), while the rest of the change set
+    arrives and the previous one is applied: ``unpacked(address)``, and
+    ``get``, then only wait for it.  ``close()`` drops them (and the file).
     """
 
     def __init__(self, directory: str | None = None, memory: int = SPOOL_MEMORY):
@@ -305,6 +312,8 @@ class BodySpool:
         self._mem: dict[bytes, bytearray] = {}
         self._file = None
         self._where: dict[bytes, tuple[int, int]] = {}   # address -> (offset, size) in file
+        self._packed: dict[bytes, tuple[int, int]] = {}  # address -> (method, size): as stored
+        self._unpacking: dict[bytes, tuple] = {}         # address -> (future, index)
         self._current: bytes | None = None
         self.total = 0
 
@@ -327,7 +336,36 @@ class BodySpool:
             self._file.write(data)
         self.total += len(data)
 
-    def get(self, address: bytes) -> bytes | None:
+    def packed(self, entries) -> None:
+        """Whole bodies as the sender's pack stores them: (address, size, method, payload)
+        each (one ZBODIES frame); those kept in memory start decompressing."""
+        started = []
+        for address, size, method, payload in entries:
+            n = len(payload)
+            if n <= self._memory_left and type(payload) is bytes:
+                self._memory_left -= n
+                self._mem[address] = payload
+                self.total += n
+                started.append((address, (method, payload, size)))
+            else:
+                self.begin(address, n)
+                self.write(payload)
+            self._packed[address] = (method, size)
+        if started:
+            future = unpack_stored_async([e for _, e in started])
+            for i, (address, _) in enumerate(started):
+                self._unpacking[address] = (future, i)
+
+    def unpacked(self, address: bytes) -> bytes | None:
+        """A body that came as stored, decompressed (None if it does not decompress to
+        the size it claims, or did not come as stored).  Not checked against its address."""
+        started = self._unpacking.get(address)
+        if started is not None:
+            return started[0].result()[started[1]]
+        entry = self.stored(address)
+        return None if entry is None else unpack_stored([entry])[0]
+
+    def _raw(self, address: bytes) -> bytes | None:
         buf = self._mem.get(address)
         if buf is not None:
             return bytes(buf)
@@ -337,6 +375,23 @@ class BodySpool:
         off, size = where
         self._file.flush()
         return os.pread(self._file.fileno(), size, off)
+
+    def stored(self, address: bytes) -> tuple[int, bytes, int] | None:
+        """(method, payload, size) of a body that came as stored; None for the others."""
+        packed = self._packed.get(address)
+        if packed is None:
+            return None
+        return packed[0], self._raw(address), packed[1]
+
+    def get(self, address: bytes) -> bytes | None:
+        packed = self._packed.get(address)
+        if packed is None:
+            return self._raw(address)
+        body = self.unpacked(address)
+        if body is None:
+            raise WireError(f"body {address.hex()[:16]} is not a zstd frame of {packed[1]} "
+                            f"bytes")
+        return body
 
     __call__ = get
 
@@ -350,6 +405,8 @@ class BodySpool:
     def close(self) -> None:
         self._mem.clear()
         self._where.clear()
+        self._packed.clear()
+        self._unpacking.clear()
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -376,6 +433,10 @@ class Incoming:
         """A small body sent whole (protocol BODIES)."""
         self.spool.begin(address, len(data))
         self.spool.write(data)
+
+    def packed_bodies(self, entries) -> None:
+        """Small bodies as the sender stores them (protocol ZBODIES)."""
+        self.spool.packed(entries)
 
     def finish(self) -> tuple[ChangeSet, BodySpool]:
         if len(self.cs.items) != self.expected_items:

@@ -81,6 +81,19 @@ def _version() -> str:
     return f"{PROG} {v} (store schema {SCHEMA_VERSION})"
 
 
+class _Version(argparse.Action):
+    """``--version``, worked out only when asked for (it loads the store module and the
+    package metadata, which no other command needs up front)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="show program's version number and exit"):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser._print_message(_version() + "\n", sys.stdout)
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import (account, acl, backup, changes, exchange, expire, gc, importexport, init,
                    mailbox, messages, metadata, quota, replicate, seen, serve, sieve, status,
@@ -92,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                "2 usage, 3 rejected or input refused, 4 store damaged, 130 interrupted, 141 stdout closed.  "
                "Reference: docs/cli.md.")
     add_global_options(parser, after_verb=False)
-    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--version", action=_Version)
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB", required=True,
                                        title="verbs")
     parents = [global_parent()]

@@ -4,7 +4,6 @@ from __future__ import annotations
 import getpass
 import sys
 
-from ..accounts import MAX_PASSWORD, add_account, list_accounts, remove_account
 from ..errors import UsageError
 from .options import add_verb
 from .output import human_time
@@ -72,6 +71,7 @@ def register(subparsers, parents) -> None:
 def read_password(prompt: str = "password: ") -> str:
     """The password from stdin: its first line without the line ending (a terminal is
     asked twice)."""
+    from ..accounts import MAX_PASSWORD
     stdin = sys.stdin
     if stdin is not None and stdin.isatty():
         first = getpass.getpass(prompt)
@@ -92,6 +92,7 @@ def read_password(prompt: str = "password: ") -> str:
 
 
 def run_add(ctx) -> None:
+    from ..accounts import add_account
     store = ctx.store()
     password = read_password()
     acct = add_account(store, ctx.args.name, password, admin=ctx.args.admin,
@@ -101,11 +102,13 @@ def run_add(ctx) -> None:
 
 
 def run_remove(ctx) -> None:
+    from ..accounts import remove_account
     remove_account(ctx.store(), ctx.args.name)
     ctx.out.note({"account": {"name": ctx.args.name}}, f"account {ctx.args.name} removed")
 
 
 def run_list(ctx) -> None:
+    from ..accounts import list_accounts
     accounts = list_accounts(ctx.store(readonly=True))
     ctx.out.emit({"accounts": [a.as_dict() for a in accounts]},
                  lambda: ctx.out.table(["NAME", "MAY REPLICATE", "CREATED"], [

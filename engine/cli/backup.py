@@ -35,6 +35,12 @@ existing empty directory needs --init: it may be an unmounted volume).
 --admin-key-file at creation locks the archive: compaction then needs that
 key, and everyone else can only add (see docs/backup.md, "Append-only").
 
+--to modsync://HOST:PORT/NAME sends the backup to archive NAME of a
+`modsync serve --archives DIR` (logging in with --account and
+--password-file; --tls): the backup host then holds the archive, and an
+account made there with `modsync account add --append-only` may add
+points but never compact, delete or rewrite anything.
+
 Long runs show a progress bar on a terminal and a log line every 10 s
 otherwise.
 
@@ -43,6 +49,8 @@ examples:
   modsync backup --store /srv/modsync --to /backup/mail -u alice
   modsync backup --from mail.example.org:2005 --account backup \\
       --password-file /etc/modsync/backup.pw --to /backup/mail
+  modsync backup --store /srv/modsync --to modsync://backup.example.org:4190/mail \\
+      --account mail1 --password-file /etc/modsync/backup.pw --tls
   modsync backup list --archive /backup/mail -u alice
 """
 
@@ -52,7 +60,8 @@ show the points in time an archive holds (per user)
 Columns: user, point number, time (UTC), the source's modseq then, full
 (a base point) or incremental, changes, new bodies and their size.  Any of
 these can be restored: `modsync restore --at point:K`, `--at modseq:N` or
-`--at TIME`.
+`--at TIME`.  --archive modsync://HOST:PORT/NAME lists an archive a
+`modsync serve --archives` holds (with --account, --password-file).
 
 example:
   modsync backup list --archive /backup/mail -u alice
@@ -103,7 +112,8 @@ point restores exactly as before.  Bodies no kept point uses are removed
 Crash-safe: new chunks are written and synced, one index transaction swaps
 them in, and only then are old chunks deleted; killed at any moment, the
 archive stays valid.  Refused on an append-only handle; a locked archive
-needs --admin-key-file.
+needs --admin-key-file.  --archive modsync://HOST:PORT/NAME compacts an
+archive a `modsync serve --archives` holds: only an admin account may.
 
 examples:
   modsync compact --archive /backup/mail --keep-daily 14 --keep-weekly 8 --keep-monthly 12
@@ -113,18 +123,15 @@ examples:
 
 def register(subparsers, parents) -> None:
     p = add_verb(subparsers, parents, "backup", run_backup, BACKUP_DOC)
-    p.add_argument("--to", metavar="ARCHIVE", help="the archive (created if missing)")
+    p.add_argument("--to", metavar="ARCHIVE",
+                   help="the archive (created if missing): a directory, or "
+                        "modsync://HOST:PORT/NAME for one a server holds")
     p.add_argument("--from", dest="source", metavar="HOST:PORT",
                    help="pull from a running modsync server instead of --store "
                         "(or unix:/path)")
     p.add_argument("-u", "--user", action="append", metavar="USER",
                    help="back up this user (repeatable; default: every user of the source)")
-    p.add_argument("--account", metavar="NAME", help="with --from: the login name")
-    p.add_argument("--password-file", metavar="FILE",
-                   help="with --from: file holding the password (default $MODSYNC_PASSWORD)")
-    p.add_argument("--tls", action="store_true", help="with --from: use TLS")
-    p.add_argument("--ca", metavar="FILE",
-                   help="with --tls: the CA certificate(s) to verify the server against")
+    add_login(p, "with --from or a modsync:// archive")
     p.add_argument("--init", action="store_true",
                    help="create the archive in an existing empty directory")
     p.add_argument("--admin-key-file", metavar="FILE",
@@ -136,8 +143,10 @@ def register(subparsers, parents) -> None:
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=False,
                                title="actions")
     lp = add_verb(actions, parents, "list", run_list, LIST_DOC)
-    lp.add_argument("--archive", required=True, metavar="ARCHIVE", help="the archive")
+    lp.add_argument("--archive", required=True, metavar="ARCHIVE",
+                    help="the archive (or modsync://HOST:PORT/NAME)")
     lp.add_argument("-u", "--user", metavar="USER", help="only this user")
+    add_login(lp, "with a modsync:// archive")
 
     p = add_verb(subparsers, parents, "restore", run_restore, RESTORE_DOC)
     p.add_argument("--archive", required=True, metavar="ARCHIVE", help="the archive")
@@ -160,7 +169,8 @@ def register(subparsers, parents) -> None:
                    help="where to build the temporary store for --maildir/--csync")
 
     p = add_verb(subparsers, parents, "compact", run_compact, COMPACT_DOC)
-    p.add_argument("--archive", required=True, metavar="ARCHIVE", help="the archive")
+    p.add_argument("--archive", required=True, metavar="ARCHIVE",
+                   help="the archive (or modsync://HOST:PORT/NAME)")
     p.add_argument("--keep-days", type=float, metavar="N", help="keep points of the last N days")
     p.add_argument("--keep-last", type=positive_int, metavar="N", help="keep the last N points")
     p.add_argument("--keep-daily", type=positive_int, metavar="N",
@@ -176,6 +186,17 @@ def register(subparsers, parents) -> None:
                    help="rewrite a body chunk once this share of it is unused (default 5)")
     p.add_argument("--admin-key-file", metavar="FILE", help="the key of a locked archive")
     add_append_only(p)
+    add_login(p, "with a modsync:// archive")
+
+
+def add_login(p, when: str) -> None:
+    """How to log in to a server: as a backup source (--from) or holding the archive."""
+    p.add_argument("--account", metavar="NAME", help=f"{when}: the login name")
+    p.add_argument("--password-file", metavar="FILE",
+                   help=f"{when}: file holding the password (default $MODSYNC_PASSWORD)")
+    p.add_argument("--tls", action="store_true", help=f"{when}: use TLS")
+    p.add_argument("--ca", metavar="FILE",
+                   help="with --tls: the CA certificate(s) to verify the server against")
 
 
 def positive_int(text: str) -> int:
@@ -200,9 +221,39 @@ def append_only(ctx) -> bool:
     return bool(ctx.setting(flag, "backup.append_only", False))
 
 
+def served(path) -> bool:
+    """Whether --archive / --to names an archive a server holds (see engine.archive_client)."""
+    return isinstance(path, str) and path.startswith("modsync://")
+
+
+def open_served(ctx, url: str, *, create: bool = False):
+    """A logged-in ``engine.archive_client.RemoteArchive`` (closed by the caller)."""
+    from ..archive_client import RemoteArchive
+    args = ctx.args
+    if not args.account:
+        raise UsageError(f"{url}: give --account NAME, an account of that server (made with "
+                         f"`modsync account add`, --append-only for backups)")
+    secret = password(ctx)
+    if secret is None:
+        raise UsageError(f"{url}: give --password-file FILE (or set $MODSYNC_PASSWORD)")
+    return RemoteArchive(url, account=args.account, password=secret, tls=tls_context(ctx),
+                         create=create)
+
+
+def tls_context(ctx):
+    if not (ctx.args.tls or ctx.args.ca):
+        return None
+    from ..client import client_tls_context
+    return client_tls_context(ca=ctx.args.ca)
+
+
 def open_archive(ctx, path: str, *, readonly: bool = False, write: bool = False):
     """Open --archive PATH for this command (closed by the caller)."""
     from ..archive import Archive, read_key_file
+    if served(path):
+        raise UsageError(f"{path}: this command works on an archive on this machine; an "
+                         f"archive a server holds can be backed up to (`backup --to`), listed "
+                         f"(`backup list`) and compacted (`compact`)", subject=path)
     key_file = getattr(ctx.args, "admin_key_file", None)
     key = read_key_file(key_file) if key_file and not readonly else None
     return Archive.open(Path(path).expanduser(), readonly=readonly,
@@ -252,25 +303,32 @@ def run_backup(ctx) -> int | None:
     if args.source and args.store:
         raise UsageError("give either --store or --from, not both")
     level = ctx.setting(args.level, "backup.level", 3)
+    remote = served(args.to)
+    if remote and args.source:
+        raise UsageError("a backup to a served archive (modsync://) goes from a store on this "
+                         "machine: give --store, not --from")
+    if remote and (args.init or args.admin_key_file):
+        raise UsageError(f"{args.to}: a served archive is created by the server; to lock one "
+                         f"with an admin key, create it on the server's machine")
     if args.source:
-        tls = None
-        if args.tls or args.ca:
-            from ..client import client_tls_context
-            tls = client_tls_context(ca=args.ca)
         source = remote_source(args.source, account=args.account, password=password(ctx),
-                               tls=tls)
+                               tls=tls_context(ctx))
         what = {"from": args.source}
     else:
         source = LocalSource(ctx.store(readonly=True))
         what = {"store": str(ctx.store_path())}
-    path = Path(args.to).expanduser()
+    where = args.to if remote else Path(args.to).expanduser()
     try:
-        archive, created = open_or_create(ctx, path)
+        if remote:
+            archive, created = open_served(ctx, args.to, create=True), False
+        else:
+            archive, created = open_or_create(ctx, where)
         try:
             report = backup(archive, source, args.user, progress=for_terminal(ctx.out.quiet),
                             level=level)
         finally:
             archive.close()
+        created = created or getattr(archive, "created", False)
     finally:
         source.close()
     data = report.as_dict() | {"source": what, "created": created}
@@ -279,7 +337,7 @@ def run_backup(ctx) -> int | None:
         if ctx.out.quiet:
             return
         if created:
-            ctx.out.line(f"created archive {path}")
+            ctx.out.line(f"created archive {where}")
         for u in report.users:
             if u.get("error"):
                 ctx.out.line(f"{u['user']}: FAILED: {u['error']}")
@@ -302,11 +360,15 @@ def run_backup(ctx) -> int | None:
 
 def run_list(ctx) -> None:
     from ..backup import list_points
-    archive = open_archive(ctx, ctx.args.archive, readonly=True)
-    try:
-        data = list_points(archive, ctx.args.user)
-    finally:
-        archive.close()
+    if served(ctx.args.archive):
+        with open_served(ctx, ctx.args.archive) as remote:
+            data = remote.list_points(ctx.args.user)
+    else:
+        archive = open_archive(ctx, ctx.args.archive, readonly=True)
+        try:
+            data = list_points(archive, ctx.args.user)
+        finally:
+            archive.close()
 
     def text():
         rows = []
@@ -379,13 +441,16 @@ def run_compact(ctx) -> None:
                          "--keep-daily, --keep-weekly or --keep-monthly")
     if not 0 <= args.repack_unused <= 100:
         raise UsageError("--repack-unused is a percentage (0 to 100)")
-    archive = open_archive(ctx, args.archive, write=True)
-    try:
-        report = compact(archive, policy, users=args.user, dry_run=args.dry_run,
-                         repack_unused=args.repack_unused / 100,
-                         progress=for_terminal(ctx.out.quiet))
-    finally:
-        archive.close()
+    if served(args.archive):
+        report = _compact_served(ctx, policy)
+    else:
+        archive = open_archive(ctx, args.archive, write=True)
+        try:
+            report = compact(archive, policy, users=args.user, dry_run=args.dry_run,
+                             repack_unused=args.repack_unused / 100,
+                             progress=for_terminal(ctx.out.quiet))
+        finally:
+            archive.close()
 
     def text():
         verb = "would drop" if report.dry_run else "dropped"
@@ -396,3 +461,16 @@ def run_compact(ctx) -> None:
             ctx.out.line(f"{human_size(report.bytes_before)} -> {human_size(report.bytes_after)} "
                          f"in {report.seconds:.1f} s")
     ctx.out.emit(report.as_dict(), text)
+
+
+def _compact_served(ctx, policy):
+    from ..archive import AppendOnly, read_key_file
+    args = ctx.args
+    if append_only(ctx) and not args.dry_run:
+        raise AppendOnly(f"{args.archive}: refusing to compact the archive: this command is "
+                         f"append-only (--append-only, MODSYNC_APPEND_ONLY or [backup] "
+                         f"append_only)", subject=args.archive)
+    key = read_key_file(args.admin_key_file) if args.admin_key_file else None
+    with open_served(ctx, args.archive) as remote:
+        return remote.compact(policy, users=args.user, dry_run=args.dry_run,
+                              repack_unused=args.repack_unused / 100, admin_key=key)

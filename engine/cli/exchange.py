@@ -9,12 +9,7 @@ Two sites that can only exchange files converge like this::
 """
 from __future__ import annotations
 
-from ..apply import ApplyResult, apply as apply_changes
-from ..changeset import decode_token, encode_token, state_of
-from ..difffile import read_diff, write_diff
 from ..errors import EXIT_REJECTED, NoSuchUser, UsageError
-from ..store import Store
-from ..sync import sync_stores
 from .options import add_user, add_verb
 from .output import error_line, human_size, plural
 
@@ -102,7 +97,8 @@ def register(subparsers, parents) -> None:
                    help="allow syncing a change that removes more than half of a user's mail")
 
 
-def _state(store: Store, user: str) -> dict:
+def _state(store, user: str) -> dict:
+    from ..changeset import state_of
     try:
         return state_of(store, user)
     except NoSuchUser:
@@ -112,11 +108,14 @@ def _state(store: Store, user: str) -> dict:
 def run_state(ctx) -> None:
     store = ctx.store(readonly=True)
     vv = _state(store, ctx.user)
+    from ..changeset import encode_token
     token = encode_token(ctx.user, vv) if vv else "0"
     ctx.out.emit({"user": ctx.user, "token": token, "store_id": store.id}, token)
 
 
 def run_diff(ctx) -> None:
+    from ..changeset import decode_token
+    from ..difffile import write_diff
     store = ctx.store(readonly=True)
     user_in_token, base = decode_token(ctx.args.since)
     if user_in_token is not None and user_in_token != ctx.user:
@@ -130,6 +129,8 @@ def run_diff(ctx) -> None:
 
 
 def run_apply(ctx) -> int | None:
+    from ..apply import apply as apply_changes
+    from ..difffile import read_diff, write_diff
     store = ctx.store()
     header, cs, bodies = read_diff(ctx.args.file)
     result = apply_changes(store, cs, bodies=bodies, merge=not ctx.args.no_merge,
@@ -147,7 +148,7 @@ def run_apply(ctx) -> int | None:
     return None
 
 
-def _describe(result: ApplyResult, path: str, counter: dict | None) -> str:
+def _describe(result, path: str, counter: dict | None) -> str:
     lines = []
     if result.status == "rejected":
         lines.append(f"rejected {path}: {result.reason}")
@@ -164,6 +165,8 @@ def _describe(result: ApplyResult, path: str, counter: dict | None) -> str:
 
 
 def run_sync(ctx) -> int | None:
+    from ..store import Store
+    from ..sync import sync_stores
     store = ctx.store()
     peer = Store.open(ctx.args.peer)
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 
 from ..errors import EXIT_ERROR
-from ..gc import collect
 from .config import ConfigError
 from .options import add_verb
 from .output import error_line, human_size, plural
@@ -44,6 +43,7 @@ def run(ctx) -> int:
     retention = ctx.setting(ctx.args.retention, "gc.retention_days", 7)
     if not 0 <= retention < 1e6:
         raise ConfigError(f"gc.retention_days {retention}: give a number of days, 0 or more")
+    from ..gc import collect
     report = collect(ctx.store(), retention=retention * 86400)
     data = dict(report.as_dict(), retention_days=retention)
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..store import SCHEMA_VERSION, Store
 from .config import ConfigError
 from .options import add_verb
 
@@ -45,6 +44,7 @@ def run(ctx) -> None:
     level = ctx.setting(ctx.args.compression_level, "init.compression_level", 3)
     if not 1 <= level <= 22:   # only the config file can get here; the flag is checked
         raise ConfigError(f"init.compression_level {level}: give a zstd level from 1 to 22")
+    from ..store import SCHEMA_VERSION, Store
     with Store.init(path, compression_level=level) as store:
         ctx.out.note({"store": str(path), "id": store.id, "schema": SCHEMA_VERSION,
                       "compression_level": level},

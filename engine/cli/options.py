@@ -17,13 +17,15 @@ import os
 import sys
 import textwrap
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .. import names, uidset
 from ..errors import UsageError
-from ..store import Store
 from . import config as config_mod
 from .output import PROG, Output
+
+if TYPE_CHECKING:
+    from ..store import Store
 
 
 class UsageProblem(Exception):
@@ -35,7 +37,32 @@ class UsageProblem(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser that raises instead of exiting, so main owns every exit."""
+    """An ArgumentParser that raises instead of exiting, so main owns every exit.
+
+    A verb whose options need heavy modules to describe (``serve`` quotes the
+    server's limits) adds them in a ``configure(parser)`` function, run when
+    the verb's parser is first used, so that other commands and
+    ``modsync --help`` do not load those modules.
+    """
+
+    configure: Callable | None = None
+
+    def ensure_configured(self) -> None:
+        configure, self.configure = self.configure, None
+        if configure is not None:
+            configure(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.ensure_configured()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self):
+        self.ensure_configured()
+        return super().format_help()
+
+    def format_usage(self):
+        self.ensure_configured()
+        return super().format_usage()
 
     def error(self, message):
         raise UsageProblem(self, message)
@@ -97,15 +124,20 @@ class VerbHelpFormatter(argparse.RawDescriptionHelpFormatter):
         super().add_usage(usage, actions, groups, prefix)
 
 
-def add_verb(subparsers, parents, name: str, handler: Callable | None, doc: str,
-             **kwargs) -> argparse.ArgumentParser:
-    """A verb's parser; ``doc``'s first line is its one-line help, the rest its description."""
+def add_verb(subparsers, parents, name: str, handler: Callable | None, doc: str, *,
+             configure: Callable | None = None, **kwargs) -> argparse.ArgumentParser:
+    """A verb's parser; ``doc``'s first line is its one-line help, the rest its description.
+
+    ``configure(parser)``, if given, adds the verb's options when the parser
+    is first used (see ``Parser``)."""
     summary, _, body = textwrap.dedent(doc).strip().partition("\n")
     parser = subparsers.add_parser(
         name, parents=parents, help=summary, description=(summary + "\n" + body).strip(),
         formatter_class=VerbHelpFormatter, **kwargs)
     if handler is not None:
         parser.set_defaults(handler=handler)
+    if configure is not None:
+        parser.configure = configure
     return parser
 
 
@@ -218,6 +250,7 @@ class Context:
 
     def store(self, *, readonly: bool = False) -> Store:
         if self._store is None:
+            from ..store import Store
             self._store = Store.open(self.store_path(), readonly=readonly)
         return self._store
 

@@ -1,4 +1,7 @@
-"""``modsync push``, ``pull`` and ``drain``: replicate with a `modsync serve` over the network."""
+"""``modsync push``, ``pull`` and ``drain``: replicate with a `modsync serve` over the network.
+
+The network client and the replication engine are imported when a verb
+runs, so that the other verbs (and ``--help``) do not load them."""
 from __future__ import annotations
 
 import os
@@ -6,10 +9,8 @@ import signal
 import threading
 from pathlib import Path
 
-from ..client import Client, client_tls_context, parse_address
 from ..errors import EXIT_ERROR, UsageError
 from ..progress import for_terminal
-from ..replication import Puller, Pusher
 from .options import add_verb
 from .output import plural
 
@@ -138,6 +139,7 @@ def _password(path: str | None) -> str:
 
 def connector(ctx, address: str):
     """A function that opens a logged-in Client to ``address`` with the command's options."""
+    from ..client import Client, client_tls_context, parse_address
     a = ctx.args
     parse_address(address)
     account = a.account or os.environ.get(ENV_ACCOUNT)
@@ -148,7 +150,7 @@ def connector(ctx, address: str):
     if a.tls or a.tls_ca or a.tls_insecure:
         tls = client_tls_context(ca=a.tls_ca, insecure=a.tls_insecure)
 
-    def connect() -> Client:
+    def connect():
         return Client(address, account=account, password=password, tls=tls, timeout=a.timeout)
     return connect
 
@@ -172,6 +174,7 @@ def _table(ctx, outcomes) -> None:
 def run_push(ctx) -> int | None:
     if ctx.args.csync:
         return _push_csync(ctx)
+    from ..replication import Pusher
     store = ctx.store()
     pusher = Pusher(store, connector(ctx, ctx.args.to), address=ctx.args.to, ack=ctx.args.ack,
                     allow_mass_delete=ctx.args.allow_mass_delete)
@@ -219,6 +222,7 @@ def _push_csync(ctx) -> int | None:
     except ImportError as e:
         raise UsageError(f"--csync needs the Cyrus replication module engine.csync, which "
                          f"this modsync does not have ({e})") from None
+    from ..client import parse_address
     _, host, port = parse_address(a.csync)
     authname = a.csync_user or a.account or os.environ.get(ENV_ACCOUNT)
     if not authname:
@@ -236,6 +240,7 @@ def _push_csync(ctx) -> int | None:
 
 # -- pull ---------------------------------------------------------------------------------------
 def run_pull(ctx) -> int | None:
+    from ..replication import Puller
     store = ctx.store()
     puller = Puller(store, connector(ctx, ctx.args.source), address=ctx.args.source,
                     allow_mass_delete=ctx.args.allow_mass_delete)
@@ -265,6 +270,7 @@ def run_pull(ctx) -> int | None:
 
 # -- drain --------------------------------------------------------------------------------------
 def run_drain(ctx) -> int | None:
+    from ..replication import Pusher
     store = ctx.store()
     pusher = Pusher(store, connector(ctx, ctx.args.to), address=ctx.args.to,
                     allow_mass_delete=ctx.args.allow_mass_delete)

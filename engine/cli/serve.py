@@ -1,25 +1,17 @@
-"""``modsync serve``: run the replication server of a store."""
+"""``modsync serve``: run the replication server of a store.
+
+The server (asyncio, the protocol, the replication engine) is imported only
+when this verb is used: its options quote the server's limits, so they are
+added by ``options`` when the verb's parser is first used.
+"""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from pathlib import Path
 
-from .. import protocol as P
 from ..errors import UsageError
-from ..server import (
-    AUTH_DELAY,
-    AUTH_FAILURES,
-    AUTH_WINDOW,
-    HELLO_TIMEOUT,
-    IDLE_TIMEOUT,
-    SHUTDOWN_GRACE,
-    STALL_TIMEOUT,
-    ServerSettings,
-    serve,
-)
 from . import config as config_mod
 from .options import add_verb
 
@@ -52,8 +44,13 @@ acknowledged only locally (async).  See docs/replication.md.
 
 --csync HOST:PORT also serves Cyrus's sync_client (engine.csync).
 
+--archives DIR also holds backup archives, DIR/NAME each, for `modsync
+backup --to modsync://HOST:PORT/NAME` (docs/backup.md): admin accounts may
+do anything with them; accounts made `--append-only` may only add points,
+and the server opens the archive append-only for them.
+
 Everything here can go in the config file's [serve] table (listen, unix,
-csync, tls_cert, tls_key, max_changeset, idle_timeout, stall_timeout,
+csync, archives, tls_cert, tls_key, max_changeset, idle_timeout, stall_timeout,
 hello_timeout, grace, auth_failures, auth_window, auth_delay,
 allow_mass_delete, protocol_versions) and [serve.sync] (replicas, level,
 quorum, timeout, on_timeout, account, password_file, tls_ca).
@@ -71,6 +68,7 @@ SERVE_KEYS = {
     "serve.listen": ((list, str), "serve --listen"),
     "serve.unix": ((list, str), "serve --unix"),
     "serve.csync": ((list, str), "serve --csync"),
+    "serve.archives": ((str,), "serve --archives"),
     "serve.tls_cert": ((str,), "serve --tls-cert"),
     "serve.tls_key": ((str,), "serve --tls-key"),
     "serve.max_changeset": ((int, str), "serve --max-changeset"),
@@ -123,7 +121,20 @@ def seconds(text: str) -> float:
 def register(subparsers, parents) -> None:
     for key, spec in SERVE_KEYS.items():
         config_mod.KEYS.setdefault(key, spec)
-    p = add_verb(subparsers, parents, "serve", run, DOC)
+    add_verb(subparsers, parents, "serve", run, DOC, configure=_options)
+
+
+def _options(p) -> None:
+    from .. import protocol as P
+    from ..server import (
+        AUTH_DELAY,
+        AUTH_FAILURES,
+        AUTH_WINDOW,
+        HELLO_TIMEOUT,
+        IDLE_TIMEOUT,
+        SHUTDOWN_GRACE,
+        STALL_TIMEOUT,
+    )
     g = p.add_argument_group("listening")
     g.add_argument("--listen", action="append", metavar="HOST:PORT",
                    help="TCP address to listen on (repeatable)")
@@ -132,6 +143,9 @@ def register(subparsers, parents) -> None:
     g.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM)")
     g.add_argument("--csync", action="append", metavar="HOST:PORT",
                    help="also accept Cyrus sync_client connections here")
+    g.add_argument("--archives", metavar="DIR",
+                   help="also serve the backup archives in DIR (DIR/NAME each; created on "
+                        "the first backup to modsync://HOST:PORT/NAME)")
     g = p.add_argument_group("limits")
     g.add_argument("--max-changeset", type=size, metavar="SIZE",
                    help=f"largest change set accepted (default "
@@ -193,12 +207,19 @@ def _path(ctx, value):
     return str(Path(ctx.config.path).parent / Path(value).expanduser())
 
 
-def settings_from(ctx) -> ServerSettings:
+def settings_from(ctx):
+    """The ``engine.server.ServerSettings`` the flags and the [serve] table give."""
+    from .. import protocol as P
+    from ..server import ServerSettings
     a, c = ctx.args, ctx.config
     s = ServerSettings()
     s.listen = a.listen or _list(c.get("serve.listen"))
     s.unix = a.unix or [_path(ctx, u) for u in _list(c.get("serve.unix"))]
     s.csync = a.csync or _list(c.get("serve.csync"))
+    s.archives = a.archives or _path(ctx, c.get("serve.archives"))
+    if s.archives is not None and not Path(s.archives).is_dir():
+        raise UsageError(f"--archives {s.archives}: no such directory; create it (archives "
+                         f"are made inside it on their first backup)")
     s.tls_cert = a.tls_cert or _path(ctx, c.get("serve.tls_cert"))
     s.tls_key = a.tls_key or _path(ctx, c.get("serve.tls_key"))
     if bool(s.tls_cert) != bool(s.tls_key):
@@ -256,6 +277,9 @@ def _sync_settings(ctx):
 
 
 def run(ctx) -> None:
+    import asyncio
+
+    from ..server import serve
     settings = settings_from(ctx)
     store = ctx.store()
 

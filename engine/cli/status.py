@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import time
 
-from ..changeset import vv_le
-from ..replication import list_peers, local_only_ranges, local_state, read_intents
 from .options import add_user, add_verb
 from .output import human_size, human_time, plural
 
@@ -36,6 +34,9 @@ def register(subparsers, parents) -> None:
 
 def peer_view(store, only_user: str | None = None) -> list[dict]:
     """Each peer's lag, as `status` shows it (see DOC)."""
+    # Imported here: the replication engine loads the network client.
+    from ..changeset import vv_le
+    from ..replication import list_peers, local_only_ranges, local_state, read_intents
     now = time.time()
     intents = read_intents(store)
     out = []

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from ..errors import EXIT_DAMAGED, UsageError
 from ..progress import for_terminal
-from ..verify import verify_store
 from .options import add_verb
 from .output import error_line, human_size, plural
 
@@ -57,6 +56,7 @@ def run(ctx) -> int:
             or ctx.args.state_file is not None:
         raise UsageError("--sample, --max-duration and --state-file go with --archive")
     check_blobs = ctx.setting(ctx.args.blobs, "verify.blobs", True)
+    from ..verify import verify_store
     report = verify_store(ctx.store(readonly=True), progress=for_terminal(ctx.out.quiet),
                           check_blobs=check_blobs)
     data = report.as_dict()

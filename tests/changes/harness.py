@@ -17,7 +17,10 @@ end heal by pushing pairwise until nothing moves.  Then:
   expunged message lives on under a UID a conflict moved it to elsewhere;
 * no modseq ever went down (user counter, per mailbox, per object), and after
   every apply the receiver's modseq is at least the highest origin modseq it
-  took in (Lamport clock).
+  took in (Lamport clock);
+* a new replica that takes replica 0's state in parts (``changeset.split``,
+  as a first sync over the network does) applies each cleanly, holds each
+  part's exact state, and ends equal.
 
 A run is a list of *steps*, plain tuples that print as Python literals::
 
@@ -50,6 +53,7 @@ from engine.changeset import (
     covers,
     decode_token,
     encode_token,
+    split,
     state_of,
 )
 from engine.errors import (
@@ -571,6 +575,38 @@ class World:
         self.check_messages()
         if strict_renumber:
             self.check_renumbered_expunges()
+        self.check_parts()
+
+    def check_parts(self) -> None:
+        """A new replica that takes the state in parts, as a first sync over the network
+        does (engine.changeset.split; small parts, to cut through these histories),
+        applies each cleanly, holds exactly each part's state, and ends equal."""
+        src = self.replicas[0]
+        try:
+            cs = build(src, USER, {})
+        except NoSuchUser:
+            return
+        fresh = Store.init(self.root / "parts")
+        try:
+            parts = split(cs, 2 + self.seed % 4)
+            for k, part in enumerate(parts):
+                try:
+                    res = apply(fresh, part, bodies=src.read_body)
+                except LegalityError as e:
+                    raise Failure("parts", f"part {k + 1} of {len(parts)} refused: {e.code}: "
+                                  f"{e}") from e
+                if res.status == "rejected" or state_of(fresh, USER) != part.state:
+                    raise Failure("parts", f"part {k + 1} of {len(parts)}: {res.status} "
+                                  f"{res.code}, state {state_of(fresh, USER)} != {part.state}")
+            if fresh.status(USER)["digest"] != src.status(USER)["digest"]:
+                raise Failure("parts", f"{len(parts)} parts did not rebuild replica 0: "
+                              + describe_difference([src, fresh]))
+            rep = verify_store(fresh)
+            if not rep.ok:
+                raise Failure("parts", f"after {len(parts)} parts: verify_store: "
+                              f"{[p.as_dict() for p in rep.problems][:5]}")
+        finally:
+            fresh.close()
 
 
 def _fmt(t: tuple) -> str:

@@ -217,3 +217,89 @@ def test_anything_else_is_refused(world):
     attempt(world, "sub", lambda s: s.subscribe("alice", "s"), ok=False, right="")
     attempt(world, "sieve", lambda s: s.sieve_put("alice", "evil", b"discard;"), ok=False,
             right="")
+
+
+# -- a mailbox that becomes readable later (or stops being readable) ---------------------
+def _records(store: Path, owner: str, mailbox: str):
+    with Store.open(store) as s:
+        if owner not in s.users() or mailbox not in [m.name for m in s.mailboxes(owner)]:
+            return None
+        return [(r.uid, r.address, r.flags) for r in s.records(owner, mailbox)]
+
+
+def test_a_mailbox_readable_later_is_sent_whole_by_an_incremental_pull(world, tmp_path):
+    owner = "erin"
+    with Store.open(world["server"]) as s:
+        for name in ("INBOX", "later", "revoked"):
+            s.create_mailbox(owner, name)
+            s.append_many(owner, name, [Message(f"Subject: {name} {i}\r\n\r\n".encode())
+                                        for i in range(3)])
+        s.set_acl(owner, "INBOX", "bob", "lr")
+        s.set_acl(owner, "revoked", "bob", "lr")
+    store = tmp_path / "bob"
+    Store.init(store).close()
+
+    def pull():
+        r = run_cli("pull", "--store", store, "--from", world["srv"].address, "--account",
+                    "bob", "--password-file", world["pw"], "-u", owner, "--json")
+        assert r.code == 0, r.out + r.err
+    pull()
+    assert _records(store, owner, "later") is None
+    assert len(_records(store, owner, "revoked")) == 3
+    # Readable later: its older messages come too, not only what changed since.
+    with Store.open(world["server"]) as s:
+        s.set_acl(owner, "later", "anyone", "lr")
+        s.append(owner, "INBOX", b"Subject: new\r\n\r\n")
+    pull()
+    assert _records(store, owner, "later") == _records(world["server"], owner, "later")
+    assert len(_records(store, owner, "INBOX")) == 4
+    # No longer readable: nothing of it comes any more, and the pull still works.
+    with Store.open(world["server"]) as s:
+        s.set_acl(owner, "revoked", "bob", None)
+        s.append(owner, "revoked", b"Subject: secret\r\n\r\n")
+        s.expunge(owner, "revoked", [(1, 1)])
+        s.set_flags(owner, "later", [(2, 2)], ["\\Flagged"])
+    pull()
+    assert len(_records(store, owner, "revoked")) == 3          # as bob last saw it
+    assert _records(store, owner, "later") == _records(world["server"], owner, "later")
+    # Readable again: whole again, which brings bob's copy up to date.
+    with Store.open(world["server"]) as s:
+        s.set_acl(owner, "revoked", "bob", "lrs")
+    pull()
+    assert _records(store, owner, "revoked") == _records(world["server"], owner, "revoked")
+    with Store.open(store) as mine, Store.open(world["server"]) as theirs:
+        crc = {m.name: m.crc for m in theirs.mailboxes(owner)}
+        assert {m.name: m.crc for m in mine.mailboxes(owner)} == {
+            n: c for n, c in crc.items() if n != "private"}
+    # A right that only takes 'r' away (a negative entry) hides it again.
+    with Store.open(world["server"]) as s:
+        s.set_acl(owner, "later", "-bob", "r")
+        s.append(owner, "later", b"Subject: hidden\r\n\r\n")
+    pull()
+    assert len(_records(store, owner, "later")) == 3
+
+
+def test_a_counter_change_set_shows_only_what_the_account_may_read(world):
+    """A push refused for its base (base-unknown) is answered with the server's changes:
+    for an account that sees part of the user, only that part."""
+    from engine.changeset import build, state_of
+    from engine.client import Client
+    store = bob_copy(world, "counter")
+    with Store.open(world["server"]) as s:
+        s.append("alice", "private", b"Subject: not for bob\r\n\r\n")
+        s.append("alice", "INBOX", b"Subject: for bob\r\n\r\n")
+        ids = {m.name: m.id for m in s.mailboxes("alice")}
+    with Store.open(store) as s, \
+            Client(world["srv"].address, account="bob", password=BOB_PW) as c:
+        base = state_of(s, "alice")
+        s.set_flags("alice", "s", [(2, 2)], ["\\Seen"])
+        cs = build(s, "alice", base)
+        cs.base = {**base, "ab" * 16: 7}           # a state the server never had
+        reply = c.push(cs, s.read_body, read_packed=s.read_packed)
+        try:
+            assert reply.result.status == "rejected" and reply.result.code == "base-unknown"
+            seen = {i.ident[0] for i in reply.counter.items}
+            assert ids["INBOX"] in seen and ids["private"] not in seen
+            assert not any(i.kind == b"S" for i in reply.counter.items)   # subscriptions
+        finally:
+            reply.close()

@@ -8,10 +8,12 @@ import time
 
 from engine import Message, Store
 from engine import protocol as P
-from engine.changeset import build
+from engine.changeset import build, split, state_of
+from engine.model import RECORD
+from engine.verify import verify_store
 
 from .test_push_pull import fill
-from .util import ADMIN, PASSWORD, auth, digest, dump
+from .util import ADMIN, PASSWORD, auth, digest, dump, wait_for
 
 
 class Raw:
@@ -101,6 +103,41 @@ def test_disconnect_mid_change_set_changes_nothing_and_the_sender_retries(
     srv.wait_log("connection closed in the middle of a change set")
     time.sleep(0.2)
     assert dump(b) == before
+    r = cli("push", "--store", a, "--to", srv.address, *auth(pwfile))
+    assert r.code == 0 and digest(a, "alice") == digest(b, "alice")
+
+
+def test_a_first_sync_cut_off_between_parts_keeps_whole_parts_and_is_completed(
+        new_store, serve, cli, pwfile):
+    """A first sync in parts (changeset.split) cut off in its third part: the first two
+    are applied, each whole, the store holds exactly their state, and the next push
+    carries on from there."""
+    a, b = new_store("a"), new_store("b")
+    with Store.open(a) as s:
+        s.create_mailbox("alice", "INBOX")
+        for i in range(6):
+            s.append_many("alice", "INBOX", [Message(b"Subject: %d-%d\r\n\r\nbody" % (i, j))
+                                             for j in range(20)])
+        parts = split(build(s, "alice", {}), 30)
+        assert len(parts) >= 3
+        srv = serve(b)
+        raw = Raw(srv.address)
+        frames = [raw.conn.send(P.Push("alice"))]
+        for part in parts[:3]:
+            frames += [raw.conn.send(e) for e in P.changeset_events(
+                part, s.read_body, read_packed=s.read_packed, more=True)]
+    raw.sock.sendall(b"".join(frames[:-2]))      # the third part's last frames never come
+    raw.close()
+    srv.wait_log("connection closed in the middle of a change set")
+
+    def state():
+        with Store.open(b) as s:
+            return state_of(s, "alice") if "alice" in s.users() else {}
+    assert wait_for(lambda: state() == parts[1].state), state()
+    with Store.open(b) as s:
+        assert len(s.records("alice", "INBOX")) == sum(
+            1 for p in parts[:2] for i in p.items if i.kind == RECORD)
+        assert verify_store(s).ok
     r = cli("push", "--store", a, "--to", srv.address, *auth(pwfile))
     assert r.code == 0 and digest(a, "alice") == digest(b, "alice")
 

@@ -4,17 +4,18 @@ from __future__ import annotations
 import random
 import struct
 
+import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dlist.binary import decode_line, encode_line
-from dlist.model import Line
+from dlist.model import LITERAL, Line
 from dlist.printer import print_line
 from engine import Message, Store
 from engine import protocol as P
 from engine.changeset import ChangeSet, build
-from engine.wire import BodySpool, Incoming, from_node, to_node
+from engine.wire import BodySpool, Incoming, WireError, from_node, to_node
 
 
 def pair(client_versions=P.PROTOCOL_VERSIONS, server_versions=P.PROTOCOL_VERSIONS, **kw):
@@ -40,15 +41,23 @@ def login(c, s):
     assert c.phase == s.phase == P.READY
 
 
-def ready_server(**kw):
-    c, s = P.Connection("client"), P.Connection("server", **kw)
+def ready_server(version: int = P.PROTOCOL_VERSIONS[-1], **kw):
+    versions = tuple(v for v in P.PROTOCOL_VERSIONS if v <= version)
+    c, s = P.Connection("client", versions=versions), P.Connection("server", **kw)
     login(c, s)
     return c, s
 
 
-def frames_of(store, cs, **kw) -> list[bytes]:
+def sender(version: int = P.PROTOCOL_VERSIONS[-1]) -> P.Connection:
     c = P.Connection("client")
-    c.phase, c.version = P.READY, 2
+    c.phase, c.version = P.READY, version
+    return c
+
+
+def frames_of(store, cs, *, version: int = P.PROTOCOL_VERSIONS[-1], **kw) -> list[bytes]:
+    c = sender(version)
+    if version >= P.PACKED_VERSION:
+        kw.setdefault("read_packed", store.read_packed)
     return [c.send(e) for e in P.changeset_events(cs, store.read_body, **kw)]
 
 
@@ -62,6 +71,8 @@ def collect(events):
         elif isinstance(ev, P.Bodies):
             for a, d in ev.bodies:
                 inc.whole_body(a, d)
+        elif isinstance(ev, P.PackedBodies):
+            inc.packed_bodies(ev.bodies)
         elif isinstance(ev, P.Body):
             inc.body(ev.address, ev.offset, ev.size, ev.data)
         elif isinstance(ev, P.ChangeSetEnd):
@@ -87,7 +98,7 @@ def mail(tmp_path):
 def test_handshake_negotiates_the_highest_common_version():
     c, s = pair()
     hello = feed(s, c.send(P.Hello()))[0]
-    assert hello.versions == (1, 2) and s.choose_version(hello) == 2
+    assert hello.versions == (1, 2, 3) and s.choose_version(hello) == 3
     c1, s1 = pair(client_versions=(1,))
     login(c1, s1)                 # an older peer is served at its version
     assert c1.version == s1.version == 1
@@ -98,7 +109,7 @@ def test_unknown_versions_are_refused_naming_the_supported_ones():
     hello = feed(s, c.send(P.Hello((7, 8))))[0]
     assert s.choose_version(hello) is None
     bye = s.refusal(hello)
-    assert "1, 2" in bye.text and "7, 8" in bye.text
+    assert "1, 2, 3" in bye.text and "7, 8" in bye.text
     assert feed(c, s.send(bye)) == [bye] and c.closed and s.closed
 
 
@@ -149,14 +160,81 @@ def test_byte_at_a_time_gives_the_same_events(mail):
     assert any(isinstance(e, P.Body) for e in a)
 
 
-def test_change_set_round_trip(mail):
+@pytest.mark.parametrize("version", P.PROTOCOL_VERSIONS)
+def test_change_set_round_trip(mail, version):
     cs = build(mail, "alice", {})
     for chunk in (100, P.BODY_CHUNK):
-        c, s = ready_server()
-        got, spool = collect(s.receive_data(b"".join(frames_of(mail, cs, chunk=chunk))))
+        c, s = ready_server(version)
+        assert s.version == version
+        events = s.receive_data(b"".join(frames_of(mail, cs, chunk=chunk, version=version)))
+        assert any(isinstance(e, P.PackedBodies) for e in events) == (version >= 3)
+        got, spool = collect(events)
         assert got.encode() == cs.encode()
         assert {a: spool.get(a) for a in cs.bodies} == {a: mail.read_body(a) for a in cs.bodies}
         spool.close()
+
+
+def test_version_3_items_and_stored_bodies(mail):
+    cs = build(mail, "alice", {})
+    _, v2 = ready_server(2)
+    _, v3 = ready_server(3)
+    frames2, frames3 = frames_of(mail, cs, version=2), frames_of(mail, cs, version=3)
+    # Each form belongs to its version, in both directions.
+    with pytest.raises(P.ProtocolError, match="must be a literal"):
+        v3.receive_data(b"".join(frames2[:2]))
+    with pytest.raises(P.ProtocolError, match="must be a list"):
+        v2.receive_data(b"".join(frames3[:2]))
+    with pytest.raises(P.ProtocolError, match="needs protocol version 3"):
+        sender(2).send(P.PackedBodies(()))
+    # Stored bodies: a zstd frame shorter than the body, or the body itself.
+    addr = cs.bodies[0]
+
+    def zbodies(*entries):
+        c = sender(3)
+        return c.send(P.ChangeSetStart(cs, len(cs.items))) + c.send(P.Items(tuple(cs.items))) \
+            + c._frame("ZBODIES", (LITERAL, msgpack.packb(list(entries))))
+    for entry, why in [((addr, 5, 1, b"1234"), "is 4 bytes, not 5"),
+                       ((addr, 5, 7, b"1234"), "unknown storage method"),
+                       ((addr, 5, 0, b"12345"), "compressed to 5 of its 5"),
+                       ((addr, P.SMALL_BODY + 1, 0, b"x"), "whole bodies are at most"),
+                       ((b"\x01" * 32, 5, 1, b"12345"), "not in the change set"),
+                       ((addr, 5, 1), "address size method payload")]:
+        _, s = ready_server(3)
+        with pytest.raises(P.ProtocolError, match=why):
+            s.receive_data(zbodies(entry))
+    # A zstd frame that is not the body it claims is the receiver's (apply's) to refuse.
+    _, s = ready_server(3)
+    ev = s.receive_data(zbodies((addr, 50, 0, b"\x28\xb5\x2f\xfd" + b"\0" * 10)))[-1]
+    inc = Incoming(cs, len(cs.items), BodySpool())
+    inc.packed_bodies(ev.bodies)
+    assert inc.spool.stored(addr)[0] == 0
+    with pytest.raises(WireError, match="not a zstd frame of 50 bytes"):
+        inc.spool.get(addr)
+
+
+def test_parts_follow_one_another(mail):
+    cs = build(mail, "alice", {})
+    c, s = ready_server(3)
+    data = b"".join(c.send(e) for e in P.parts_events([cs, cs], mail.read_body,
+                                                       read_packed=mail.read_packed))
+    ends = [e for e in s.receive_data(data) if isinstance(e, P.ChangeSetEnd)]
+    assert [e.more for e in ends] == [True, None]
+    # After END MORE comes a change set and nothing else.
+    c, s = ready_server(3)
+    first = b"".join(c.send(e) for e in P.changeset_events(cs, mail.read_body, more=True))
+    with pytest.raises(P.ProtocolError, match="announced another part"):
+        s.receive_data(first + c.send(P.ListUsers()))
+    # Parts and PULL PARTS are version 3.
+    old = sender(2)
+    with pytest.raises(P.ProtocolError, match="MORE needs protocol version 3"):
+        for e in P.changeset_events(cs, mail.read_body, more=True):
+            old.send(e)
+    with pytest.raises(P.ProtocolError, match="PARTS needs protocol version 3"):
+        sender(2).send(P.Pull("alice", {}, True))
+    c3, _ = ready_server(3)
+    _, s2 = ready_server(2)
+    with pytest.raises(P.ProtocolError, match="PARTS needs protocol version 3"):
+        s2.receive_data(c3.send(P.Pull("alice", {}, True)))
 
 
 def test_frames_print_as_dlist_text(mail):
@@ -218,16 +296,13 @@ def test_change_set_stream_rules(mail):
     # A header announcing more items than come.
     short = ChangeSet(**{**cs.__dict__, "items": cs.items[:1]})
     bad = frames_of(mail, short)
-    hdr = P.Connection("client")
-    hdr.phase, hdr.version = P.READY, 2
-    header = hdr.send(P.ChangeSetStart(cs, len(cs.items)))
+    header = sender().send(P.ChangeSetStart(cs, len(cs.items)))
     c, s = ready_server()
     with pytest.raises(P.ProtocolError, match="announced"):
         s.receive_data(header + b"".join(bad[1:]))
     # A body nobody announced.
-    hdr = P.Connection("client")
-    hdr.phase, hdr.version = P.READY, 2
-    data = hdr.send(P.ChangeSetStart(ChangeSet(**{**cs.__dict__, "bodies": []}), len(cs.items)))
+    data = sender().send(P.ChangeSetStart(ChangeSet(**{**cs.__dict__, "bodies": []}),
+                                          len(cs.items)))
     c, s = ready_server()
     with pytest.raises(P.ProtocolError, match="not in the change set"):
         s.receive_data(data + b"".join(frames[1:]))

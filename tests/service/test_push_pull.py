@@ -65,6 +65,32 @@ def test_a_rejected_push_is_merged_and_sent_again(new_store, serve, cli, pwfile)
         assert len(s.records("alice", "INBOX")) == 5
 
 
+def test_a_first_sync_goes_in_parts_both_ways(new_store, serve, cli, pwfile):
+    """Push and pull of a user the other side lacks travel as parts (changeset.split),
+    each applied as it arrives; an older peer gets one change set."""
+    a, b, c, d = new_store("a"), new_store("b"), new_store("c"), new_store("d")
+    with Store.open(a) as s:
+        s.create_mailbox("alice", "INBOX")
+        for i in range(5):
+            s.append_many("alice", "INBOX", [Message(b"Subject: %d %d\r\n\r\n" % (i, j))
+                                             for j in range(500)])
+    srv = serve(b)
+    assert cli("push", "--store", a, "--to", srv.address, *auth(pwfile)).code == 0
+    assert digest(a, "alice") == digest(b, "alice")
+    applied = srv.wait_log("push of alice: applied")
+    assert applied and srv.log().count("push of alice: applied") == 2
+    with Client(srv.address, account=ADMIN, password=PASSWORD) as client:
+        parts = list(client.pull_parts("alice"))
+        assert len(parts) == 2 and parts[1][0].base == parts[0][0].state
+        for _, spool in parts:
+            spool.close()
+    assert cli("pull", "--store", c, "--from", srv.address, *auth(pwfile)).code == 0
+    assert digest(c, "alice") == digest(a, "alice")
+    old = serve(d, "--protocol-versions", "1,2")
+    assert cli("push", "--store", a, "--to", old.address, *auth(pwfile)).code == 0
+    assert digest(d, "alice") == digest(a, "alice") and old.log().count("push of alice") == 1
+
+
 def test_versions_old_client_new_server_and_unknown(new_store, serve):
     b = new_store("b")
     fill(b, "alice", 2)
@@ -78,12 +104,12 @@ def test_versions_old_client_new_server_and_unknown(new_store, serve):
         old.follow()
     old.close()
     new = Client(srv.address, account=ADMIN, password=PASSWORD)
-    assert new.version == 2
+    assert new.version == 3
     new.close()
     with pytest.raises(RemoteError) as e:
         Client(srv.address, account=ADMIN, password=PASSWORD, versions=(9,))
-    assert e.value.code == "version" and "1, 2" in e.value.text and "9" in e.value.text
-    srv.wait_log("this server speaks protocol versions 1, 2")
+    assert e.value.code == "version" and "1, 2, 3" in e.value.text and "9" in e.value.text
+    srv.wait_log("this server speaks protocol versions 1, 2, 3")
 
 
 def test_new_client_old_server(new_store, serve, cli, pwfile):

@@ -12,7 +12,8 @@ import pytest
 
 from engine import Store
 from engine.changeset import state_of, vv_le
-from engine.replication import UserLock, read_intents
+from engine.mutation import INTENT_RECENT
+from engine.replication import CommitWatch, UserLock, read_intents
 
 from .test_push_pull import fill
 from .util import auth, digest, wait_for
@@ -44,6 +45,26 @@ def test_intent_is_written_with_the_change(new_store):
         del s.blobs.sync
         # A transaction that did not commit leaves neither the change nor an intent.
         assert (read_intents(s)["alice"].modseq, s.user_info("alice").modseq) == before
+
+
+def test_a_watch_reads_only_the_users_who_committed(new_store):
+    """Watchers (followers' notifications, rolling push) look at the users who committed
+    since their last look, not at every user's row."""
+    with Store.open(new_store("a")) as s:
+        for i in range(40):
+            s.create_mailbox(f"u{i:02d}", "INBOX")
+        watch = CommitWatch(s)
+        assert len(watch.poll()) == 40            # the first look: everyone
+        assert watch.poll() is None                # nothing committed since
+        s.append("u07", "INBOX", b"x")
+        s.append("u31", "INBOX", b"y")
+        s.append("u07", "INBOX", b"z")
+        got = watch.poll()
+        assert set(got) == {"u07", "u31"} and got["u07"].modseq == s.user_info("u07").modseq
+        with s.db.read() as txn:               # one row per user, at its latest commit
+            assert sum(1 for _ in txn.prefix("intents", INTENT_RECENT)) == 40
+        s.set_flags("u31", "INBOX", [(1, 1)], ["$x"])
+        assert set(watch.poll()) == {"u31"}
 
 
 CRASHER = r"""
