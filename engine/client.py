@@ -212,16 +212,9 @@ class Client:
         try:
             while True:
                 ev = self._next()
-                if isinstance(ev, P.Items):
-                    incoming.add_items(ev.items)
-                elif isinstance(ev, P.PackedBodies):
-                    incoming.packed_bodies(ev.bodies)
-                elif isinstance(ev, P.Bodies):
-                    for a, d in ev.bodies:
-                        incoming.whole_body(a, d)
-                elif isinstance(ev, P.Body):
-                    incoming.body(ev.address, ev.offset, ev.size, ev.data)
-                elif isinstance(ev, P.ChangeSetEnd):
+                if P.feed_changeset(incoming, ev):
+                    continue
+                if isinstance(ev, P.ChangeSetEnd):
                     if ev.aborted:
                         raise RemoteError("aborted", "the server gave up sending the change set")
                     return (*incoming.finish(), bool(ev.more))

@@ -347,6 +347,23 @@ class PackedBodies(Event):
     bodies: tuple = field(repr=False)
 
 
+def feed_changeset(incoming, ev: Event) -> bool:
+    """Give a change set's content event (ITEMS, BODY, BODIES, ZBODIES) to an
+    ``engine.wire.Incoming``; False for any other event, which the caller handles."""
+    if isinstance(ev, Items):
+        incoming.add_items(ev.items)
+    elif isinstance(ev, PackedBodies):
+        incoming.packed_bodies(ev.bodies)
+    elif isinstance(ev, Bodies):
+        for address, data in ev.bodies:
+            incoming.whole_body(address, data)
+    elif isinstance(ev, Body):
+        incoming.body(ev.address, ev.offset, ev.size, ev.data)
+    else:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class ChangeSetEnd(Event):
     """``more``: another change set of the same transfer follows (version 3): the

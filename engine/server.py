@@ -558,16 +558,9 @@ class Session:
                         self.part_follows = bool(ev.more) and not ev.aborted
                         return None
                     continue
-                if isinstance(ev, P.Items):
-                    incoming.add_items(ev.items)
-                elif isinstance(ev, P.PackedBodies):
-                    incoming.packed_bodies(ev.bodies)
-                elif isinstance(ev, P.Bodies):
-                    for a, d in ev.bodies:
-                        incoming.whole_body(a, d)
-                elif isinstance(ev, P.Body):
-                    incoming.body(ev.address, ev.offset, ev.size, ev.data)
-                elif isinstance(ev, P.ChangeSetEnd):
+                if P.feed_changeset(incoming, ev):
+                    continue
+                if isinstance(ev, P.ChangeSetEnd):
                     if ev.aborted:
                         incoming.discard()
                         return None

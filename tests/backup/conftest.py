@@ -9,23 +9,19 @@ point was given, and the user's records.
 """
 from __future__ import annotations
 
-import io
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import jsonschema
 import pytest
+from cli.runner import run
 
 import engine.cli
 from engine import Message, Store
 from engine.archive import Archive
 from engine.backup import LocalSource, backup
 from engine.cli import config as cli_config
-from engine.cli import main
 
-SCHEMAS = Path(__file__).resolve().parents[2] / "schemas" / "cli"
 T0 = 1_700_000_000          # point times given to backup(now=...): one day apart
 DAY = 86400
 
@@ -151,51 +147,10 @@ def new_store(tmp_path):
         s.close()
 
 
-# -- the CLI, in-process, with --json output checked against its schema -----------------
+# -- the CLI, in-process (tests/cli/runner.py), --json output checked against its schema --
 
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    @property
-    def json(self) -> dict:
-        return json.loads(self.out)
-
-
-class _Stream(io.TextIOWrapper):
-    def __init__(self, raw):
-        super().__init__(raw, encoding="utf-8", write_through=True)
-
-    def isatty(self) -> bool:
-        return False
-
-
-def run_cli(*argv) -> Result:
-    out, err = io.BytesIO(), io.BytesIO()
-    streams = _Stream(io.BytesIO()), _Stream(out), _Stream(err)
-    saved = sys.stdin, sys.stdout, sys.stderr
-    sys.stdin, sys.stdout, sys.stderr = streams
-    try:
-        code = main([str(a) for a in argv])
-    finally:
-        sys.stdin, sys.stdout, sys.stderr = saved
-    for s in streams:
-        s.flush()
-    r = Result(code, out.getvalue().decode(), err.getvalue().decode())
-    if "--json" in [str(a) for a in argv] and r.out.strip():
-        data = r.json
-        name = "error" if data.get("ok") is False and "exit_code" in data else \
-            data["command"].split()[0]
-        path = SCHEMAS / f"{name}.schema.json"
-        # The other verbs' schemas are their owners' (and tests/cli checks they exist).
-        if path.exists() or name in OWN_SCHEMAS:
-            jsonschema.Draft202012Validator(json.loads(path.read_text())).validate(data)
-    return r
-
-
-OWN_SCHEMAS = ("backup", "restore", "compact", "verify", "import", "export")
+def run_cli(*argv):
+    return run(*argv, contract=False)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
 """Helpers for the replication service tests (conftest.py has the fixtures)."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import select
@@ -10,14 +9,14 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
+
+from cli.runner import run
 
 from engine import Store
 
 ADMIN, PASSWORD = "admin", "secret"
 START_TIMEOUT = 30.0
-SCHEMAS = Path(__file__).resolve().parents[2] / "schemas" / "cli"
 
 
 def command() -> list[str]:
@@ -124,52 +123,16 @@ class Served:
         raise AssertionError(f"{text!r} not in the server log:\n{self.log()}")
 
 
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    @property
-    def json(self) -> dict:
-        return json.loads(self.out)
-
-
-class _Stream(io.TextIOWrapper):
-    def __init__(self, raw):
-        super().__init__(raw, encoding="utf-8", write_through=True)
-
-    def isatty(self) -> bool:
-        return False
-
-
-def validate(data: dict) -> None:
-    import jsonschema
-    name = "error" if data.get("ok") is False and "exit_code" in data else \
-        data["command"].split()[0]
-    schema = json.loads((SCHEMAS / f"{name}.schema.json").read_text())
-    jsonschema.Draft202012Validator(schema).validate(data)
-
-
-def run_cli(*argv, stdin: bytes = b"", check_schema: bool = True) -> Result:
-    """``modsync`` in this process; --json output is checked against its schema."""
+def run_cli(*argv, stdin: bytes = b"", check_schema: bool = True):
+    """``modsync`` in this process (tests/cli/runner.py); --json output is checked
+    against its schema."""
     from engine.cli import config as cli_config
-    from engine.cli import main
-    out, err = io.BytesIO(), io.BytesIO()
-    streams = _Stream(io.BytesIO(stdin)), _Stream(out), _Stream(err)
-    saved = sys.stdin, sys.stdout, sys.stderr
-    sys.stdin, sys.stdout, sys.stderr = streams
     saved_default = cli_config.DEFAULT_PATH
     cli_config.DEFAULT_PATH = Path("/nonexistent/modsync.toml")
     try:
-        code = main([str(a) for a in argv])
+        return run(*argv, stdin=stdin, check=check_schema, contract=False)
     finally:
         cli_config.DEFAULT_PATH = saved_default
-        sys.stdin, sys.stdout, sys.stderr = saved
-    r = Result(code, out.getvalue().decode(), err.getvalue().decode())
-    if check_schema and "--json" in argv and r.out.strip():
-        validate(r.json)
-    return r
 
 
 def auth(pwfile) -> list[str]:
