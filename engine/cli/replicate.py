@@ -12,7 +12,7 @@ from pathlib import Path
 from ..errors import EXIT_ERROR, UsageError
 from ..progress import for_terminal
 from .options import add_verb
-from .output import plural
+from .output import error_line, plural
 
 ENV_ACCOUNT = "MODSYNC_ACCOUNT"
 ENV_PASSWORD = "MODSYNC_PASSWORD"
@@ -210,7 +210,15 @@ def run_push(ctx) -> int | None:
                      f"{plural(sum(o.status == 'sent' for o in outcomes), 'user')} sent"
                      + (f", not sent: {', '.join(o.user for o in left)}" if left else ""))
     ctx.out.emit(data, text, ok=ok)
-    return None if ok else EXIT_ERROR
+    return None if ok else _not_all(outcomes, "pushed")
+
+
+def _not_all(outcomes, done: str) -> int:
+    """The final error line of a push or pull that left users out; EXIT_ERROR."""
+    left = [o for o in outcomes if o.status not in ("sent", "nothing")]
+    error_line(f"{plural(len(left), 'user')} not {done} ({', '.join(o.user for o in left)}); "
+               f"the table above (or --json) says why for each")
+    return EXIT_ERROR
 
 
 def _push_csync(ctx) -> int | None:
@@ -235,7 +243,11 @@ def _push_csync(ctx) -> int | None:
     ok = bool(d.get("ok", True))
     ctx.out.emit({"csync": a.csync, "user": a.users[0], "report": d},
                  f"pushed {a.users[0]} to Cyrus at {a.csync}", ok=ok)
-    return None if ok else EXIT_ERROR
+    if not ok:
+        error_line(f"the Cyrus replica at {a.csync} did not take all of {a.users[0]!r}: "
+                   f"{d.get('error') or 'see the report'}")
+        return EXIT_ERROR
+    return None
 
 
 # -- pull ---------------------------------------------------------------------------------------
@@ -265,7 +277,7 @@ def run_pull(ctx) -> int | None:
         ctx.out.line(f"pulled from {ctx.args.source}: "
                      f"{plural(sum(o.status == 'sent' for o in outcomes), 'user')} updated")
     ctx.out.emit(data, text, ok=ok)
-    return None if ok else EXIT_ERROR
+    return None if ok else _not_all(outcomes, "pulled")
 
 
 # -- drain --------------------------------------------------------------------------------------
@@ -292,4 +304,8 @@ def run_drain(ctx) -> int | None:
             for u, w in sorted(report.left.items()):
                 ctx.out.line(f"  {u}: {w}")
     ctx.out.emit(data, text, ok=report.complete)
-    return None if report.complete else EXIT_ERROR
+    if not report.complete:
+        error_line(f"{ctx.args.to} is not up to date for {plural(len(report.left), 'user')} "
+                   f"({', '.join(sorted(report.left))}): do not fail over yet")
+        return EXIT_ERROR
+    return None

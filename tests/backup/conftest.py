@@ -147,10 +147,9 @@ def new_store(tmp_path):
         s.close()
 
 
-# -- the CLI, in-process (tests/cli/runner.py), --json output checked against its schema --
+# -- the CLI, in-process, with the checks of tests/cli/runner.py -----------------------
 
-def run_cli(*argv):
-    return run(*argv, contract=False)
+run_cli = run
 
 
 @pytest.fixture(scope="session")

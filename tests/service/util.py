@@ -124,13 +124,13 @@ class Served:
 
 
 def run_cli(*argv, stdin: bytes = b"", check_schema: bool = True):
-    """``modsync`` in this process (tests/cli/runner.py); --json output is checked
-    against its schema."""
+    """``modsync`` in this process, with the checks of tests/cli/runner.py (--json
+    output valid against its schema, one final error line on a failure)."""
     from engine.cli import config as cli_config
     saved_default = cli_config.DEFAULT_PATH
     cli_config.DEFAULT_PATH = Path("/nonexistent/modsync.toml")
     try:
-        return run(*argv, stdin=stdin, check=check_schema, contract=False)
+        return run(*argv, stdin=stdin, check=check_schema)
     finally:
         cli_config.DEFAULT_PATH = saved_default
 
