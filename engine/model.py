@@ -13,6 +13,7 @@ with msgpack 1.x).  The layout is versioned by ``schemas/store-v1.md``.
 """
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass, field, fields
 
@@ -108,7 +109,19 @@ class Stamp:
 
 
 def _digest(*parts) -> bytes:
-    return blake3.blake3(_pack(list(parts))).digest(length=16)
+    return blake3.blake3(_pack(parts)).digest(length=16)
+
+
+@functools.lru_cache(maxsize=4096)      # a mailbox's records share a handful of flag sets
+def _lower_flags(flags: tuple) -> tuple:
+    return tuple(f.lower() for f in flags)
+
+
+def lower_flags(flags) -> tuple:
+    """The flag names lower-cased (flags compare case-insensitively), in their order."""
+    if type(flags) is tuple:
+        return _lower_flags(flags)
+    return tuple(f.lower() for f in flags)
 
 
 # ---------------------------------------------------------------------------
@@ -196,28 +209,45 @@ class Record:
     # message at its old UID, made concurrently elsewhere, still reaches it.
     renumbered_from: int = 0
     moved_to: tuple = ()
+    # What this version adds to its mailbox's checksums, stored beside it by
+    # Mutation.put_record: [visible digest, Cyrus SYNC_CRC share, SYNC_CRC_ANNOT
+    # share], so that replacing it does not recompute them.  Describes the
+    # record as it was written (None: not known, e.g. a tombstone); never
+    # part of what a record is or how it compares.
+    shares: list | None = field(default=None, compare=False, repr=False)
 
     def key(self) -> bytes:
         return U64U32.pack(self.mailbox, self.uid)
 
     def pack(self) -> bytes:
         s = self.stamp
-        return _pack([s.modseq, s.origin, s.origin_modseq, s.removed, self.address, self.sha1,
-                      self.size, self.internaldate, self.savedate, list(self.flags),
-                      self.createdmodseq, self.last_updated,
-                      [list(a) for a in self.annotations], self.created, self.flag_stamps,
-                      self.renumbered_from, list(self.moved_to)])
+        v = [s.modseq, s.origin, s.origin_modseq, s.removed, self.address, self.sha1,
+             self.size, self.internaldate, self.savedate, list(self.flags),
+             self.createdmodseq, self.last_updated,
+             [list(a) for a in self.annotations], self.created, self.flag_stamps,
+             self.renumbered_from, list(self.moved_to)]
+        if self.shares is not None:
+            v.append(self.shares)
+        return _pack(v)
 
     @classmethod
     def unpack(cls, key: bytes, b: bytes) -> "Record":
         v = unpackb(b)
         mb, uid = U64U32.unpack(key)
         return cls(uid, v[4], v[5], v[6], v[7], v[8], tuple(v[9]), v[10], v[11],
-                   tuple(tuple(a) for a in v[12]), Stamp(v[0], v[1], v[2], v[3]), mb,
-                   v[13], v[14], v[15], tuple(v[16]))
+                   tuple(tuple(a) for a in v[12]) if v[12] else (),
+                   Stamp(v[0], v[1], v[2], v[3]), mb, v[13], v[14], v[15],
+                   tuple(v[16]) if v[16] else (), v[17] if len(v) > 17 else None)
 
     def copy(self) -> "Record":
-        return Record.unpack(self.key(), self.pack())
+        """An independent copy (tuples are immutable and shared; the rest is copied)."""
+        s = self.stamp
+        return Record(self.uid, self.address, self.sha1, self.size, self.internaldate,
+                      self.savedate, self.flags, self.createdmodseq, self.last_updated,
+                      self.annotations, Stamp(s.modseq, s.origin, s.origin_modseq, s.removed),
+                      self.mailbox, list(self.created),
+                      {k: list(v) for k, v in self.flag_stamps.items()},
+                      self.renumbered_from, self.moved_to, self.shares)
 
     @property
     def expunged(self) -> bool:
@@ -225,7 +255,7 @@ class Record:
 
     def visible_digest(self, mailbox_id: str) -> bytes:
         return _digest("R", mailbox_id, self.uid, self.address, self.internaldate,
-                       [f.lower() for f in self.flags], list(self.annotations))
+                       lower_flags(self.flags), self.annotations)
 
 
 @dataclass(slots=True)

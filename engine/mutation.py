@@ -24,7 +24,8 @@ from .errors import (FullSyncNeeded, NoSuchMailbox, NoSuchObject, NoSuchUser, St
                      UsageError)
 from .model import (
     ACL, ANNOTATION, MAILBOX, MAX_MODSEQ, RECORD, U32, U64,
-    KIND_CLASSES, Mailbox, Record, SieveScript, Stamp, _pack, record_crc64, unpackb,
+    KIND_CLASSES, Mailbox, Record, SieveScript, Stamp, _pack, lower_flags, record_crc64,
+    unpackb,
 )
 
 DIGEST_ZERO = bytes(16)
@@ -99,15 +100,19 @@ class Mutation:
 
     # -- generic object write -------------------------------------------------
     def _index(self, kind: bytes, key: bytes, old: Stamp | None, new: Stamp | None) -> None:
-        """Move an object's entries in the change index and the per-origin index."""
+        """Move an object's entries in the change index and the per-origin index.
+
+        (The keys are change_key() and origin_key(), built inline: this runs
+        for every object written.)
+        """
+        p, txn, tail = self.user.prefix, self.txn, kind + key
         if old is not None:
-            self.txn.delete("changes", change_key(self.user, old.modseq, kind, key))
-            self.txn.delete("byorigin", origin_key(self.user, old.origin, old.origin_modseq,
-                                                   kind, key))
+            txn.delete("changes", p + U64.pack(old.modseq) + tail)
+            txn.delete("byorigin", p + U32.pack(old.origin) + U64.pack(old.origin_modseq) + tail)
         if new is not None:
-            self.txn.put("changes", change_key(self.user, new.modseq, kind, key), b"")
-            self.txn.put("byorigin", origin_key(self.user, new.origin, new.origin_modseq,
-                                                kind, key), b"")
+            txn.put("changes", p + U64.pack(new.modseq) + tail, b"")
+            txn.put("byorigin", p + U32.pack(new.origin) + U64.pack(new.origin_modseq) + tail,
+                    b"")
 
     def _write(self, obj, old_stamp: Stamp | None, old_digest: bytes | None,
                new_digest: bytes | None, *, origin: int = 0,
@@ -255,32 +260,44 @@ class Mutation:
         if old is not None:
             old_stamp = old.stamp
             if not old.stamp.removed:
-                old_digest = old.visible_digest(mb.id)
+                # old is the version stored here: what it added when written
+                shares = old.shares
+                if shares is not None:
+                    old_digest, b, a = shares
+                else:
+                    old_digest = old.visible_digest(mb.id)
+                    b, a = cyrus_crc.record_crcs(old)
                 mb.crc ^= record_crc64(old_digest)
                 mb.messages -= 1
                 mb.size -= old.size
-                b, a = cyrus_crc.record_crcs(old)
                 mb.cyrus_crc ^= b
                 mb.cyrus_crc_annot ^= a
         rec.last_updated = self.now if last_updated is None else last_updated
+        if origin_modseq is None:
+            origin_modseq = self.modseq
         if keep_stamps:
             pass   # a replicated record brings its own creation and flag stamps
         elif old is None:
-            rec.created = [origin, self.modseq if origin_modseq is None else origin_modseq]
+            rec.created = [origin, origin_modseq]
             rec.flag_stamps = {}
         elif not old.stamp.removed:
-            _stamp_flag_changes(old, rec, [self.modseq if origin_modseq is None else origin_modseq,
-                                           origin])
-        new_digest = None if rec.stamp.removed else rec.visible_digest(mb.id)
-        self._write(rec, old_stamp, old_digest, new_digest, origin=origin,
-                    origin_modseq=origin_modseq)
-        if new_digest is not None:
+            _stamp_flag_changes(old, rec, [origin_modseq, origin])
+        new_digest = None
+        if rec.stamp.removed:
+            rec.shares = None
+        else:
+            # The Cyrus CRC covers the modseq _write gives it: set it first.
+            rec.stamp.modseq = self.modseq
+            new_digest = rec.visible_digest(mb.id)
+            b, a = cyrus_crc.record_crcs(rec)
+            rec.shares = [new_digest, b, a]
             mb.crc ^= record_crc64(new_digest)
             mb.messages += 1
             mb.size += rec.size
-            b, a = cyrus_crc.record_crcs(rec)
             mb.cyrus_crc ^= b
             mb.cyrus_crc_annot ^= a
+        self._write(rec, old_stamp, old_digest, new_digest, origin=origin,
+                    origin_modseq=origin_modseq)
         if rec.uid >= mb.uidnext:
             mb.uidnext = rec.uid + 1
         self.touch_mailbox(mb)
@@ -405,15 +422,15 @@ def annotation_stamp_key(entry: str, userid: str) -> str:
 def _stamp_flag_changes(old, new, stamp: list) -> None:
     """Give every flag and annotation whose state differs between old and new this stamp."""
     stamps = dict(old.flag_stamps)
-    before = {f.lower() for f in old.flags}
-    after = {f.lower() for f in new.flags}
-    for f in before ^ after:
-        stamps[f] = stamp
-    old_ann = {annotation_stamp_key(e, u): v for e, u, v in old.annotations}
-    new_ann = {annotation_stamp_key(e, u): v for e, u, v in new.annotations}
-    for k in old_ann.keys() | new_ann.keys():
-        if old_ann.get(k) != new_ann.get(k):
-            stamps[k] = stamp
+    if old.flags != new.flags:
+        for f in set(lower_flags(old.flags)) ^ set(lower_flags(new.flags)):
+            stamps[f] = stamp
+    if old.annotations != new.annotations:
+        old_ann = {annotation_stamp_key(e, u): v for e, u, v in old.annotations}
+        new_ann = {annotation_stamp_key(e, u): v for e, u, v in new.annotations}
+        for k in old_ann.keys() | new_ann.keys():
+            if old_ann.get(k) != new_ann.get(k):
+                stamps[k] = stamp
     new.flag_stamps = stamps
 
 

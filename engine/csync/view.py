@@ -429,9 +429,16 @@ def _canonical_flags(fl):
 
 def _canonical_record(node) -> CyrusRecord | None:
     uid, modseq, last_updated, fl, internaldate, size, guid = node[2:15:2]
-    if not (_plain_number(uid) and _plain_number(modseq) and _plain_number(last_updated)
-            and _plain_number(internaldate) and _plain_number(size)
-            and type(guid) is bytes and len(guid) == 40):
+    try:
+        # all five plain digit atoms (a list or literal would not concatenate to bytes)
+        digits = uid + modseq + last_updated + internaldate + size
+    except TypeError:
+        return None
+    if (type(digits) is not bytes or not digits.isdigit() or type(guid) is not bytes
+            or len(guid) != 40 or len(uid) > _MAX_FAST_DIGITS
+            or len(modseq) > _MAX_FAST_DIGITS or len(last_updated) > _MAX_FAST_DIGITS
+            or len(internaldate) > _MAX_FAST_DIGITS or len(size) > _MAX_FAST_DIGITS
+            or not (uid and modseq and last_updated and internaldate and size)):
         return None
     flags = _canonical_flags(fl)
     if flags is None:

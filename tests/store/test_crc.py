@@ -132,6 +132,39 @@ def test_incremental_crcs_follow_every_change(store):
     assert verify_store(store).ok
 
 
+def test_stored_shares_describe_the_record_and_older_records_without_them_still_work(store):
+    """What a record adds to its mailbox's checksums is stored with it and reused.
+
+    A record written before shares were kept has none: replacing it computes
+    them, and either way the mailbox totals stay equal to a recomputation.
+    """
+    store.create_mailbox("u", "INBOX")
+    store.append_many("u", "INBOX", [Message(b"m%d" % i) for i in range(4)])
+    mb = store.mailbox("u", "INBOX")
+    for r in store.records("u", "INBOX"):
+        assert r.shares == [r.visible_digest(mb.id), *crc.record_crcs(r)]
+    # strip the shares from record 2, as an older store wrote it
+    r2 = store.records("u", "INBOX", uids=[(2, 2)])[0]
+    r2.shares = None
+
+    def rewrite(txn):
+        u = store._user(txn, "u")
+        txn.put("objects", u.prefix + r2.KIND + r2.key(), r2.pack())
+    store.db.write(rewrite)
+    assert store.records("u", "INBOX", uids=[(2, 2)])[0].shares is None
+    store.set_flags("u", "INBOX", [(1, 4)], ["\\Flagged"], mode="add")
+    store.set_flags("u", "INBOX", [(2, 3)], ["\\Flagged"], mode="remove")
+    for r in store.records("u", "INBOX"):
+        assert r.shares == [r.visible_digest(mb.id), *crc.record_crcs(r)]
+    oracle.check_mailbox_totals(store, "u")
+    assert verify_store(store).ok
+    # shares are not part of what a record is
+    a = store.records("u", "INBOX")[0]
+    b = a.copy()
+    b.shares = None
+    assert a == b and b.flags == a.flags and b.stamp is not a.stamp
+
+
 def test_virtual_annotation_entries_do_not_count_twice(store):
     store.create_mailbox("u", "INBOX")
     rec = store.append("u", "INBOX", b"x")
