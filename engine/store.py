@@ -258,6 +258,30 @@ class Store:
                 return result
             return self.db.write(run, before_commit=self.blobs.sync)
 
+    def mutate_users(self, users, fn: Callable[[dict], T], *, create_user: bool = False) -> T:
+        """Run fn({user: mutation}) as one atomic change of several users' data.
+
+        For what moves between users (a Cyrus master moving a folder from one
+        user to another): each user still gets a mutation of its own, with its
+        own modseq and change log, and all of them commit together or not at all.
+        """
+        wanted = list(dict.fromkeys(names.user(u) for u in users))
+        with self._lock:
+            def run(txn: Txn):
+                ms = {}
+                for user in wanted:
+                    rec = self._user(txn, user)
+                    if rec is None:
+                        if not create_user:
+                            require_user(None, user)
+                        rec = self._create_user(txn, user)
+                    ms[user] = Mutation(self, txn, rec)
+                result = fn(ms)
+                for m in ms.values():
+                    m.finish()
+                return result
+            return self.db.write(run, before_commit=self.blobs.sync)
+
     def _create_user(self, txn: Txn, name: str) -> UserRecord:
         num = U32.unpack(txn.get("meta", b"next_user"))[0]
         txn.put("meta", b"next_user", U32.pack(num + 1))

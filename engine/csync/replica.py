@@ -432,7 +432,7 @@ class ReplicaSession:
         elif cn is not None and cn.kind in ("mailbox", "shared") and u is not None:
             mb = view.mailbox_by_name(txn, u, cn.name)
             if mb is not None:
-                hdr = state.get_mailbox(txn, mb.id)
+                hdr = state.header_of(txn, mb)
         return hdr, mb, u
 
     def _mailbox_line(self, hdr: CyrusMailbox, txn=None, records=None) -> Line:
@@ -474,9 +474,10 @@ class ReplicaSession:
             if v is not None:
                 out[v.uniqueid] = v
         if u is not None:
+            known = {v.num for v in out.values() if not v.is_shadow}
             for mb in view.live_mailboxes(txn, u):
-                if mb.id not in out:
-                    v = self._view(txn, state.get_mailbox(txn, mb.id), mb, u)
+                if mb.num not in known:
+                    v = self._view(txn, state.header_of(txn, mb), mb, u)
                     if v is not None:
                         out[v.uniqueid] = v
         # mboxlist order: the user's tree, then the DELETED namespace
@@ -589,8 +590,8 @@ class ReplicaSession:
             if s.stamp.removed:
                 continue
             lines.append(Line("*", "SEEN", KvList(
-                UNIQUEID=s.mailbox_id, LASTREAD=s.lastread, LASTUID=s.lastuid,
-                LASTCHANGE=s.lastchange, SEENUIDS=s.uids)))
+                UNIQUEID=state.cyrus_uniqueid(txn, s.mailbox_id), LASTREAD=s.lastread,
+                LASTUID=s.lastuid, LASTCHANGE=s.lastchange, SEENUIDS=s.uids)))
         subs = []
         for k, v in txn.prefix("objects", u.prefix + SUBSCRIPTION):
             s = Subscription.unpack(k[5:], v)
@@ -856,57 +857,87 @@ class ReplicaSession:
             ocn, ncn = mapping.parse_name(old), mapping.parse_name(new)
         except mapping.NameError_ as e:
             raise CsyncNo("IMAP_MAILBOX_NOTSUPPORTED", str(e)) from None
-        if ocn.user != ncn.user:
-            raise CsyncNo("IMAP_MAILBOX_NOTSUPPORTED", "renames across users are not supported")
+        backed = ("mailbox", "shared")
+        if ncn.kind in backed:
+            lost = self._restore_needs_lost_bodies(old, ocn)
+            if lost is not None:
+                return lost
 
-        def fn(m: Mutation):
-            txn = m.txn
+        def fn(ms: dict[str, Mutation]):
+            # One mutation per user: a folder moved between users leaves the
+            # old user's mailbox a tombstone and is a new mailbox of the new
+            # user, in the same transaction.
+            mo, mn = ms[ocn.user], ms[ncn.user]
+            txn = mo.txn
             hdr = state.mailbox_by_name(txn, old)
             mb = None
             if hdr is not None and not hdr.is_shadow:
-                mb = m.mailbox(hdr.num)
+                mb = mo.mailbox(hdr.num)
                 if mb.stamp.removed:
                     mb = None
-            elif hdr is None and ocn.kind in ("mailbox", "shared"):
-                mb = _mailbox_by_name(m, ocn.name)
+            elif hdr is None and ocn.kind in backed:
+                mb = _mailbox_by_name(mo, ocn.name)
                 if mb is not None:
-                    hdr = state.get_mailbox(txn, mb.id) or view.synthesize(
-                        txn, m.user, mb)[0]
-                    if state.get_mailbox(txn, mb.id) is None:
-                        # first time Cyrus sees it: keep its records' view too
-                        _, recs = view.synthesize(txn, m.user, mb)
-                        for r in recs:
-                            state.put_record(txn, mb.id, r)
+                    hdr = _adopt(mo, mb)     # first time Cyrus sees it: keep its view too
             if hdr is None:
                 raise CsyncNo("IMAP_MAILBOX_NONEXISTENT")
-            if state.mailbox_by_name(txn, new) is not None or (
-                    ncn.kind in ("mailbox", "shared") and _mailbox_by_name(m, ncn.name) is not None
-                    and (mb is None or _mailbox_by_name(m, ncn.name).num != mb.num)):
+            if state.mailbox_by_name(txn, new) is not None:
+                raise CsyncNo("UNKNOWN", f"rename target {new} exists")
+            target = _mailbox_by_name(mn, ncn.name) if ncn.kind in backed else None
+            if target is not None and (mb is None or target.num != mb.num):
                 raise CsyncNo("UNKNOWN", f"rename target {new} exists")
             if mb is not None:
-                hdr, _ = view.reconcile(txn, m.user, mb, hdr, write=True)
+                hdr, _ = view.reconcile(txn, mo.user, mb, hdr, write=True)
             hdr.mboxname = new
+            hdr.user = ncn.user
             hdr.partition = partition or hdr.partition
             # mboxlist_renamemailbox writes the new entry at the mailbox's highestmodseq
             hdr.foldermodseq = hdr.highestmodseq
             if uidvalidity > hdr.uidvalidity:
                 hdr.uidvalidity = uidvalidity
-            if ncn.kind == "deleted" or ncn.kind == "sieve":
+            if ncn.kind not in backed:          # into DELETED.* or #sieve: Cyrus's view only
                 if mb is not None:
-                    _delete_modsync_mailbox(m, mb)
+                    _delete_modsync_mailbox(mo, mb)
                 hdr.num = 0
                 hdr.synced = -1
-            elif mb is not None:
-                _rename_modsync_mailbox(m, mb, ncn.name)
+            elif mb is not None and mo is mn:   # an ordinary rename
+                _rename_modsync_mailbox(mo, mb, ncn.name)
                 if uidvalidity > mb.uidvalidity:
                     mb.uidvalidity = uidvalidity
                 hdr.synced = mb.highestmodseq
             else:
-                raise CsyncNo("IMAP_MAILBOX_NOTSUPPORTED",
-                              f"restoring deleted mailbox {old} under {new} is not supported")
+                # moved to another user, or restored from DELETED.*
+                if mb is not None:
+                    _delete_modsync_mailbox(mo, mb)
+                _materialize(mn, hdr, ncn.name, retired=mb)
             state.put_mailbox(txn, hdr)
-        self.store.mutate(ocn.user, fn, create_user=True)
+        self.store.mutate_users([ocn.user, ncn.user], fn, create_user=True)
         return ok()
+
+    def _restore_needs_lost_bodies(self, old: str, ocn) -> Reply | None:
+        """A ``DELETED.*`` folder to restore whose bodies gc collected: forget it, answer NO.
+
+        Its messages can no longer be brought back from this store, and a
+        refusal alone would make the master retry the same RENAME for ever.
+        Without csync's view of the deleted folder, the master's next sync
+        finds the restored folder missing here and uploads it whole.
+        """
+        with self.store.db.read() as txn:
+            hdr = state.mailbox_by_name(txn, old)
+            if hdr is None or not hdr.is_shadow:
+                return None
+            missing = next((r for r in state.records(txn, hdr.uniqueid)
+                            if not r.expunged and txn.get("sha1", r.guid) is None), None)
+        if missing is None:
+            return None
+        log.warning("csync: cannot restore %s: body %s of UID %d was collected; forgetting "
+                    "the deleted folder so that the master uploads it again", old,
+                    missing.guid.hex(), missing.uid)
+
+        def fn(m: Mutation):
+            state.delete_mailbox(m.txn, hdr.uniqueid)
+        self.store.mutate(ocn.user, fn, create_user=True)
+        return no("IMAP_MAILBOX_NONEXISTENT")
 
     def _apply_unmailbox(self, value) -> Reply:
         name = value.as_atom() if value is not None else None
@@ -983,7 +1014,7 @@ class ReplicaSession:
                 mb = _mailbox_by_name(m, cn.name) if cn.kind in ("mailbox", "shared") else None
                 if mb is None:
                     raise CsyncNo("IMAP_MAILBOX_NONEXISTENT")
-                if mb.id != uniqueid:
+                if state.cyrus_uniqueid(txn, mb.id) != uniqueid:
                     raise CsyncNo("IMAP_MAILBOX_MOVED")
                 hdr = _adopt(m, mb)
             elif byname.uniqueid != uniqueid or hdr is None:
@@ -1053,12 +1084,19 @@ class ReplicaSession:
             raise CsyncNo("IMAP_PROTOCOL_BAD_PARAMETERS")
 
         def fn(m: Mutation):
-            cur = m.get(SeenSet, uniqueid.encode())
+            # modsync keys seen sets by its mailbox id, which is the uniqueid
+            # unless the folder was moved between users or restored
+            mbid = _modsync_mailbox_id(m.txn, uniqueid)
+            cur = m.get(SeenSet, mbid.encode())
             if cur is not None and not cur.stamp.removed and (
                     cur.uids, cur.lastread, cur.lastuid, cur.lastchange) == (
                     uids, lastread, lastuid, lastchange):
                 return
-            m.put_object(SeenSet(uniqueid, uids, lastread, lastuid, lastchange))
+            m.put_object(SeenSet(mbid, uids, lastread, lastuid, lastchange))
+            if mbid != uniqueid:
+                stale = m.get(SeenSet, uniqueid.encode())   # kept under the old id
+                if stale is not None and not stale.stamp.removed:
+                    m.remove(stale, missing="")
         self.store.mutate(user, fn, create_user=True)
         return ok()
 
@@ -1423,7 +1461,7 @@ class _MailboxApply:
         # Commit.
         self._header(hdr, created)
         if mb is not None:
-            self._modsync_folder(hdr, mb)
+            _set_folder_meta(self.m, mb, inc.acl, inc.annotations)
         basic, annot = hdr.crc_basic, hdr.crc_annot
         # A mailbox made just now has no records to look up.
         fresh = created and mb is not None and mb.uidnext == 1
@@ -1435,7 +1473,7 @@ class _MailboxApply:
             basic ^= shares[0]
             annot ^= shares[1]
             if mb is not None:
-                self._modsync_record(mb, rec, addresses.get(rec.guid), fresh)
+                _put_modsync_record(self.m, mb, rec, addresses.get(rec.guid), fresh)
             stored.put(rec, shares)
         hdr.crc_basic, hdr.crc_annot = basic, annot
         if mb is not None:
@@ -1520,66 +1558,70 @@ class _MailboxApply:
             hdr.raclmodseq = inc.raclmodseq
         hdr.foldermodseq = inc.foldermodseq or inc.highestmodseq
 
-    def _modsync_folder(self, hdr: CyrusMailbox, mb: Mailbox) -> None:
-        """ACL and mailbox annotations: always the master's (they are not versioned)."""
-        m = self.m
-        want = dict(mapping.parse_acl(self.inc.acl))
-        have = view.acl_entries(self.txn, m.user, mb)
-        for who, rights in want.items():
-            rights = _canon_rights(rights)
-            if have.get(who) != rights:
-                m.put_object(AclEntry(mb.num, who, rights), mailbox=mb)
-        for who in have:
-            if who not in want:
-                m.remove(AclEntry(mb.num, who), mailbox=mb, missing="")
-        want_ann = {(e, u): v for e, u, _m, v in (self.inc.annotations or [])}
-        have_ann = {(a.entry, a.userid): bytes(a.value)
-                    for a in view.mailbox_annotations(self.txn, m.user, mb)}
-        for (e, u), v in want_ann.items():
-            if have_ann.get((e, u)) != v:
-                _set_modsync_annotation(m, mb, e, u, v)
-        for (e, u) in have_ann:
-            if (e, u) not in want_ann:
-                _set_modsync_annotation(m, mb, e, u, None)
 
-    def _modsync_record(self, mb: Mailbox, rec: CyrusRecord, address: bytes | None,
+def _set_folder_meta(m: Mutation, mb: Mailbox, acl: str, annotations) -> None:
+    """ACL and mailbox annotations: always the master's (they are not versioned)."""
+    txn = m.txn
+    want = dict(mapping.parse_acl(acl))
+    have = view.acl_entries(txn, m.user, mb)
+    for who, rights in want.items():
+        rights = _canon_rights(rights)
+        if have.get(who) != rights:
+            m.put_object(AclEntry(mb.num, who, rights), mailbox=mb)
+    for who in have:
+        if who not in want:
+            m.remove(AclEntry(mb.num, who), mailbox=mb, missing="")
+    want_ann = {(e, u): v for e, u, _m, v in (annotations or [])}
+    have_ann = {(a.entry, a.userid): bytes(a.value)
+                for a in view.mailbox_annotations(txn, m.user, mb)}
+    for (e, u), v in want_ann.items():
+        if have_ann.get((e, u)) != v:
+            _set_modsync_annotation(m, mb, e, u, v)
+    for (e, u) in have_ann:
+        if (e, u) not in want_ann:
+            _set_modsync_annotation(m, mb, e, u, None)
+
+
+def _put_modsync_record(m: Mutation, mb: Mailbox, rec: CyrusRecord, address: bytes | None,
                         fresh: bool) -> None:
-        """Make the modsync record what Cyrus's record says (``fresh``: mb has no records)."""
-        m = self.m
-        key = mb.key() + U32.pack(rec.uid)
-        raw = None if fresh else m.get_raw(RECORD, key)
-        anns = tuple(sorted((e, u, bytes(v)) for e, u, _m, v in rec.annotations)
-                     ) if rec.annotations else ()
-        flags = _normalized_flags(rec.flags)
-        if raw is None:
-            if address is None:
-                address = self.txn.get("sha1", rec.guid)
-            if address is None:
-                return      # expunged before we ever had its body: Cyrus's view only
-            new = Record(rec.uid, address, rec.guid, rec.size, rec.internaldate,
-                         savedate=rec.savedate, flags=flags, createdmodseq=m.modseq,
-                         annotations=anns, stamp=Stamp(removed=rec.expunged))
-            m.put_record(mb, new, None, last_updated=rec.last_updated)
-            rec.msm = new.stamp.modseq
-            return
-        cur = Record.unpack(key, raw)
-        if cur.stamp.removed:
-            rec.msm = cur.stamp.modseq
-            return
-        if (cur.flags == flags and cur.annotations == anns and not rec.expunged
-                and cur.internaldate == rec.internaldate and cur.savedate == rec.savedate
-                and cur.last_updated == rec.last_updated):
-            rec.msm = cur.stamp.modseq
-            return
-        old = Record.unpack(key, raw)
-        cur.flags = flags
-        cur.annotations = anns
-        cur.internaldate = rec.internaldate
-        cur.savedate = rec.savedate
-        if rec.expunged:
-            cur.stamp.removed = True
-        m.put_record(mb, cur, old, last_updated=rec.last_updated)
-        rec.msm = cur.stamp.modseq
+    """Make the modsync record what Cyrus's record says (``fresh``: mb has no records).
+
+    Sets ``rec.msm`` to the modsync record's stamp modseq.
+    """
+    key = mb.key() + U32.pack(rec.uid)
+    raw = None if fresh else m.get_raw(RECORD, key)
+    anns = tuple(sorted((e, u, bytes(v)) for e, u, _m, v in rec.annotations)
+                 ) if rec.annotations else ()
+    flags = _normalized_flags(rec.flags)
+    if raw is None:
+        if address is None:
+            address = m.txn.get("sha1", rec.guid)
+        if address is None:
+            return      # expunged before we ever had its body: Cyrus's view only
+        new = Record(rec.uid, address, rec.guid, rec.size, rec.internaldate,
+                     savedate=rec.savedate, flags=flags, createdmodseq=m.modseq,
+                     annotations=anns, stamp=Stamp(removed=rec.expunged))
+        m.put_record(mb, new, None, last_updated=rec.last_updated)
+        rec.msm = new.stamp.modseq
+        return
+    old = Record.unpack(key, raw)
+    if old.stamp.removed:
+        rec.msm = old.stamp.modseq
+        return
+    if (old.flags == flags and old.annotations == anns and not rec.expunged
+            and old.internaldate == rec.internaldate and old.savedate == rec.savedate
+            and old.last_updated == rec.last_updated):
+        rec.msm = old.stamp.modseq
+        return
+    cur = old.copy()
+    cur.flags = flags
+    cur.annotations = anns
+    cur.internaldate = rec.internaldate
+    cur.savedate = rec.savedate
+    if rec.expunged:
+        cur.stamp.removed = True
+    m.put_record(mb, cur, old, last_updated=rec.last_updated)
+    rec.msm = cur.stamp.modseq
 
 
 # Cyrus sends the same few flag sets over and over (a folder has a handful).
@@ -1603,6 +1645,17 @@ def _canon_rights(rights: str) -> str:
 # modsync-side helpers (all inside a Mutation)
 # =============================================================================================
 
+def _modsync_mailbox_id(txn, uniqueid: str) -> str:
+    """The id of the modsync mailbox holding Cyrus mailbox ``uniqueid`` (else uniqueid)."""
+    hdr = state.get_mailbox(txn, uniqueid)
+    if hdr is not None and not hdr.is_shadow:
+        u = view.user_record(txn, hdr.user)
+        mb = view.mailbox_by_num(txn, u, hdr.num) if u is not None else None
+        if mb is not None:
+            return mb.id
+    return uniqueid
+
+
 def _mailbox_by_name(m: Mutation, name: str) -> Mailbox | None:
     raw = m.txn.get("index", IX_NAME + m.user.prefix + name.encode())
     return None if raw is None else m.mailbox(U64.unpack(raw)[0])
@@ -1610,7 +1663,7 @@ def _mailbox_by_name(m: Mutation, name: str) -> Mailbox | None:
 
 def _adopt(m: Mutation, mb: Mailbox) -> CyrusMailbox:
     """Start keeping a Cyrus view of a modsync mailbox no Cyrus master has written yet."""
-    hdr = state.get_mailbox(m.txn, mb.id)
+    hdr = state.header_of(m.txn, mb)
     if hdr is not None:
         return hdr
     hdr, recs = view.synthesize(m.txn, m.user, mb)
@@ -1627,28 +1680,74 @@ def _raise_uidvalidity_floor(m: Mutation, name: str, uidvalidity: int) -> None:
         m.txn.put("index", vkey, U32.pack(uidvalidity))
 
 
-def _create_modsync_mailbox(m: Mutation, name: str, uniqueid: str, uidvalidity: int) -> Mailbox:
-    """A modsync mailbox with Cyrus's unique id and uidvalidity (a tombstone of it is revived)."""
+def _create_modsync_mailbox(m: Mutation, name: str, uniqueid: str, uidvalidity: int,
+                            retired: Mailbox | None = None) -> Mailbox:
+    """A new modsync mailbox for Cyrus mailbox ``uniqueid`` (with its uidvalidity if legal).
+
+    Its id is Cyrus's uniqueid, unless a deleted modsync mailbox (of any
+    user) has that id: a folder moved between users, brought back from
+    ``DELETED.*``, or recreated by the master.  modsync never revives a
+    tombstone (its messages stay expunged for whoever saw them go), so the
+    mailbox gets an id of its own, csync remembers which Cyrus mailbox it is,
+    and its uidvalidity is raised above the name's earlier ones if needed.
+    ``retired`` is a mailbox being deleted in this same transaction.
+    """
     from .. import crc as cyrus_crc
+    from ..store import new_unique_id
     txn = m.txn
     found = view.mailbox_by_uniqueid(txn, uniqueid)
-    if found is not None and found[0] == m.user.num and found[1].stamp.removed:
-        mb = m.mailbox(found[1].num)
-        mb.stamp.removed = False
-        mb.name = name
-        mb.uidvalidity = max(mb.uidvalidity, uidvalidity)
-        m.folder_changed(mb)
-    elif found is not None:
-        raise CsyncNo("IMAP_MAILBOX_MOVED", f"unique id {uniqueid} belongs to another user")
-    else:
-        num = m.store._next_mailbox_num(txn)
-        mb = Mailbox(uniqueid, name, uidvalidity, uidnext=1, createdmodseq=m.modseq,
-                     cyrus_crc=cyrus_crc.CRC_INIT_BASIC,
-                     cyrus_crc_annot=cyrus_crc.CRC_INIT_ANNOT, num=num)
-        m.add_mailbox(mb)
-        txn.put("index", IX_UNIQUEID + uniqueid.encode(), m.user.prefix + U64.pack(num))
+    if (found is not None and not found[1].stamp.removed
+            and (retired is None or found[1].num != retired.num)):
+        raise CsyncNo("IMAP_MAILBOX_MOVED", f"unique id {uniqueid} is in use")
+    mbid = uniqueid
+    if found is not None:
+        mbid = new_unique_id()
+        state.put_alias(txn, mbid, uniqueid)
+    floor = txn.get("index", IX_UIDVALIDITY + m.user.prefix + name.encode())
+    if floor is not None and uidvalidity <= U32.unpack(floor)[0]:
+        uidvalidity = U32.unpack(floor)[0] + 1
+    num = m.store._next_mailbox_num(txn)
+    mb = Mailbox(mbid, name, uidvalidity, uidnext=1, createdmodseq=m.modseq,
+                 cyrus_crc=cyrus_crc.CRC_INIT_BASIC,
+                 cyrus_crc_annot=cyrus_crc.CRC_INIT_ANNOT, num=num)
+    m.add_mailbox(mb)
+    txn.put("index", IX_UNIQUEID + mbid.encode(), m.user.prefix + U64.pack(num))
     txn.put("index", IX_NAME + m.user.prefix + name.encode(), U64.pack(mb.num))
     _raise_uidvalidity_floor(m, name, mb.uidvalidity)
+    return mb
+
+
+def _materialize(m: Mutation, hdr: CyrusMailbox, name: str,
+                 retired: Mailbox | None = None) -> Mailbox:
+    """A modsync mailbox ``name`` holding what csync's view ``hdr`` of a Cyrus mailbox holds.
+
+    For a Cyrus mailbox that gets a modsync mailbox without an APPLY
+    MAILBOX bringing its records: one moved from another user, or one
+    restored from ``DELETED.*``.  Its live records are copied from csync's
+    view (their bodies must still be in the store), its ACL and mailbox
+    annotations too; ``hdr`` then describes the new mailbox.
+    """
+    txn = m.txn
+    recs = state.records(txn, hdr.uniqueid)
+    addresses = {}
+    for rec in recs:
+        if not rec.expunged and rec.guid not in addresses:
+            address = txn.get("sha1", rec.guid)
+            if address is None:
+                raise CsyncNo("UNKNOWN", f"{hdr.mboxname}: the body {rec.guid.hex()} of UID "
+                              f"{rec.uid} is no longer in this store (collected by gc)")
+            addresses[rec.guid] = address
+    mb = _create_modsync_mailbox(m, name, hdr.uniqueid, hdr.uidvalidity, retired)
+    _set_folder_meta(m, mb, hdr.acl, hdr.annotations)
+    for rec in recs:
+        if not rec.expunged:
+            _put_modsync_record(m, mb, rec, addresses[rec.guid], True)
+            state.put_record(txn, hdr.uniqueid, rec, rec.crcs())
+    if mb.uidnext <= hdr.last_uid:
+        mb.uidnext = hdr.last_uid + 1
+        m.touch_mailbox(mb)
+    hdr.num = mb.num
+    hdr.synced = mb.highestmodseq
     return mb
 
 

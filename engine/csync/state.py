@@ -17,6 +17,10 @@ Keys (all under the table ``csync``)::
     N <internal name>                -> uniqueid      (every tracked mailbox)
     U <user> \\0 <uniqueid>           -> b""           (a user's tracked mailboxes)
     Q <internal quota root>          -> [modseq, {resource: limit}]
+    I <modsync mailbox id>           -> uniqueid, for a modsync mailbox whose id is
+                                        not the Cyrus uniqueid it holds (a folder
+                                        moved between users or brought back from
+                                        DELETED.*: modsync ids are never reused)
 
 A header with ``num`` = 0 is a *shadow*: a mailbox that exists for Cyrus but
 not as a modsync mailbox (``DELETED.*`` delayed deletes, the ``#sieve``
@@ -41,6 +45,7 @@ K_RECORD = b"R"
 K_NAME = b"N"
 K_USER = b"U"
 K_QUOTA = b"Q"
+K_ALIAS = b"I"
 
 THRID = "/vendor/cmu/cyrus-imapd/thrid"
 SAVEDATE = cyrus_crc.SAVEDATE
@@ -207,6 +212,23 @@ def put_mailbox(txn, hdr: CyrusMailbox) -> None:
     txn.put(TABLE, K_MAILBOX + hdr.uniqueid.encode(), hdr.pack())
     txn.put(TABLE, K_NAME + hdr.mboxname.encode(), hdr.uniqueid.encode())
     txn.put(TABLE, K_USER + hdr.user.encode() + b"\0" + hdr.uniqueid.encode(), b"")
+
+
+def put_alias(txn, mailbox_id: str, uniqueid: str) -> None:
+    """Remember that the modsync mailbox ``mailbox_id`` is Cyrus's ``uniqueid``."""
+    txn.put(TABLE, K_ALIAS + mailbox_id.encode(), uniqueid.encode())
+
+
+def cyrus_uniqueid(txn, mailbox_id: str) -> str:
+    """The Cyrus uniqueid of a modsync mailbox (its own id unless it was given another)."""
+    raw = txn.get(TABLE, K_ALIAS + mailbox_id.encode())
+    return mailbox_id if raw is None else raw.decode()
+
+
+def header_of(txn, mb) -> CyrusMailbox | None:
+    """The Cyrus view csync keeps of modsync mailbox ``mb``, if any."""
+    hdr = get_mailbox(txn, cyrus_uniqueid(txn, mb.id))
+    return hdr if hdr is not None and hdr.num == mb.num else None
 
 
 def delete_mailbox(txn, uniqueid: str) -> None:

@@ -67,15 +67,24 @@ def diff_views(cyrus: dict, modsync: dict) -> list[str]:
     return out
 
 
-def assert_same(cy, store, user: str, cyrus_user_view: dict | None = None) -> None:
-    """The Cyrus server's IMAP view of ``user`` equals modsync's, and their STATUS agrees."""
+def assert_same(cy, store, user: str, cyrus_user_view: dict | None = None, *,
+                renewed: tuple = ()) -> None:
+    """The Cyrus server's IMAP view of ``user`` equals modsync's, and their STATUS agrees.
+
+    ``renewed``: mailboxes that modsync recreated (restored from DELETED.*),
+    whose uidvalidity must be above Cyrus's rather than equal to it.
+    """
     cv = cyrus_user_view or cy.view(user)
     mv = modsync_view(store, user)
     problems = diff_views(cv, mv)
     status = store.status(user)
     for m in status["mailboxes"]:
         st = cy.status(user, m["name"])
-        if st["UIDVALIDITY"] != m["uidvalidity"]:
+        if m["name"] in renewed:
+            if not m["uidvalidity"] > st["UIDVALIDITY"]:
+                problems.append(f"{m['name']!r}: uidvalidity {m['uidvalidity']} not above "
+                                f"Cyrus's {st['UIDVALIDITY']}")
+        elif st["UIDVALIDITY"] != m["uidvalidity"]:
             problems.append(f"{m['name']!r}: uidvalidity {st['UIDVALIDITY']} / {m['uidvalidity']}")
         if st["UIDNEXT"] != m["uidnext"]:
             problems.append(f"{m['name']!r}: uidnext {st['UIDNEXT']} / {m['uidnext']}")

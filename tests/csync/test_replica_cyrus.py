@@ -13,6 +13,9 @@ import time
 import pytest
 
 from cyruslib import assert_same, cyrus_peer, message, modsync_view
+from engine.csync import view
+from engine.model import RECORD, U64, Record
+from engine.verify import verify_store
 
 check = cyrus_peer.check
 
@@ -31,6 +34,51 @@ def roll(cy):
 
 def new_user(cy, user: str) -> None:
     cy.create_user(user)
+
+
+def assert_settled(cy, store, *users: str) -> None:
+    """A full user sync afterwards finds nothing to do, and the store verifies clean."""
+    p = sync_user(cy, *users)
+    want = ["ENABLE", "0x800"] + [w for u in users for w in ("USER", u)]
+    assert p.stdout.decode().split() == want
+    report = verify_store(store, check_blobs=False)
+    assert report.ok, report.as_dict()["problems"]
+
+
+def restore_deleted(cy, user: str, folder: str) -> str:
+    """As the admin, rename the user's newest DELETED.* copy of folder back; its Cyrus name."""
+    with cy.imap("admin") as c:
+        typ, data = c.list('""', f"DELETED/user/{user}/{folder}/*")
+        check((typ, data))
+        deleted = data[-1].decode().rsplit(" ", 1)[-1].strip('"')
+        check(c.rename(deleted, f"user/{user}/{folder}"))
+    return deleted.replace("/", ".")
+
+
+def deleted_folder(cy, store, user: str, first_message: int):
+    """A folder Old with two messages, replicated, then deleted (Cyrus keeps DELETED.*).
+
+    Returns the modsync mailbox it was before the delete.
+    """
+    new_user(cy, user)
+    with cy.imap(user) as c:
+        check(c.create("INBOX/Old"))
+        check(c.append("INBOX/Old", r"(\Seen)", None, message(first_message)))
+        check(c.append("INBOX/Old", r"(\Answered $Label1)", None, message(first_message + 1)))
+    roll(cy)
+    before = store.mailbox(user, "Old")
+    with cy.imap(user) as c:
+        check(c.delete("INBOX/Old"))
+    roll(cy)
+    return before
+
+
+def records_of(store, user: str, mb) -> list[Record]:
+    """Every record of a mailbox, tombstones of both included (by mailbox number)."""
+    with store.db.read() as txn:
+        u = view.user_record(txn, user)
+        return [Record.unpack(k[5:], v)
+                for k, v in txn.prefix("objects", u.prefix + RECORD + U64.pack(mb.num))]
 
 
 def test_initial_user_sync_names_with_dots_and_non_ascii(cyrus_master, replica_store,
@@ -222,6 +270,61 @@ def test_create_rename_delete_mailboxes(cyrus_master, replica_store):
     assert p.stdout.decode().split() == ["ENABLE", "0x800", "USER", "hank"]
 
 
+def test_folder_moved_between_users(cyrus_master, replica_store):
+    """An admin RENAME user/nina/Proj -> user/otto/Proj: one csync RENAME across users."""
+    cy, store = cyrus_master, replica_store
+    new_user(cy, "nina")
+    new_user(cy, "otto")
+    with cy.imap("nina") as c:
+        check(c.create("INBOX/Proj"))
+        check(c.append("INBOX/Proj", r"(\Seen)", None, message(600)))
+        check(c.append("INBOX/Proj", None, None, message(601)))
+        check(c.append("INBOX/Proj", None, None, message(602)))
+        c.select("INBOX/Proj")
+        check(c.store("2", "+FLAGS", r"(\Flagged)"))
+        check(c.store("3", "+FLAGS", r"(\Deleted)"))
+        check(c.expunge())
+    roll(cy)
+    old = store.mailbox("nina", "Proj")
+    with cy.imap("admin") as c:
+        check(c.rename("user/nina/Proj", "user/otto/Proj"))
+        # the folder keeps nina's ACL: the admin gives it to its new owner
+        check(c.setacl("user/otto/Proj", "otto", "lrswipkxtecdan"))
+        check(c.deleteacl("user/otto/Proj", "nina"))
+    p = roll(cy)
+    assert "RENAME user.nina.Proj -> user.otto.Proj" in p.stdout.decode()
+    assert_same(cy, store, "nina")
+    assert_same(cy, store, "otto")
+    moved = store.mailbox("otto", "Proj")
+    # nina's mailbox is a tombstone whose messages stay expunged; otto's is a new
+    # mailbox (modsync ids are never reused) with the same UIDs and uidvalidity
+    tomb = [m for m in store.mailboxes("nina", include_removed=True) if m.name == "Proj"]
+    assert [m.id for m in tomb] == [old.id] and tomb[0].stamp.removed
+    assert all(r.stamp.removed for r in records_of(store, "nina", old))
+    assert moved.id != old.id and moved.uidvalidity == old.uidvalidity
+    assert [r.uid for r in store.records("otto", "Proj")] == [1, 2]
+    assert_settled(cy, store, "nina", "otto")
+
+
+def test_deleted_folder_restored(cyrus_master, replica_store):
+    """An admin restores DELETED.user.max.Old.<hex> under its old name (an undelete)."""
+    cy, store = cyrus_master, replica_store
+    first = deleted_folder(cy, store, "max", 610)
+    deleted = restore_deleted(cy, "max", "Old")
+    p = roll(cy)
+    assert f"RENAME {deleted} -> user.max.Old" in p.stdout.decode()
+    # the same messages, flags and UIDs; a new modsync mailbox, with a higher
+    # uidvalidity than the deleted one (modsync's rule for a recreated name)
+    assert_same(cy, store, "max", renewed=("Old",))
+    restored = store.mailbox("max", "Old")
+    assert restored.id != first.id and restored.uidvalidity > first.uidvalidity
+    assert [r.uid for r in store.records("max", "Old")] == [1, 2]
+    tomb = [m for m in store.mailboxes("max", include_removed=True) if m.id == first.id]
+    assert tomb[0].stamp.removed
+    assert [r.stamp.removed for r in records_of(store, "max", first)] == [True, True]
+    assert_settled(cy, store, "max")
+
+
 def test_create_and_delete_a_user(cyrus_master, replica_store):
     cy, store = cyrus_master, replica_store
     new_user(cy, "ivan")
@@ -372,3 +475,20 @@ def _wait(cond, timeout: float = 20.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("rolling replication did not catch up in time")
         time.sleep(0.2)
+
+
+# Last in this module: it collects every unreferenced body of the shared store.
+def test_restoring_a_folder_whose_bodies_were_collected(cyrus_master, replica_store):
+    """gc took the deleted folder's bodies: the master's retry uploads the folder again."""
+    from engine.gc import collect
+    cy, store = cyrus_master, replica_store
+    deleted_folder(cy, store, "pia", 620)
+    now = time.time()
+    collect(store, retention=0, now=now)            # mark
+    assert collect(store, retention=0, now=now + 1).removed >= 2   # sweep
+    restore_deleted(cy, "pia", "Old")
+    roll(cy)
+    roll(cy)
+    assert_same(cy, store, "pia", renewed=("Old",))
+    assert [r.uid for r in store.records("pia", "Old")] == [1, 2]
+    assert_settled(cy, store, "pia")
