@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator, TypeVar
 
@@ -149,12 +150,25 @@ class Database:
         self.env.reader_check()
         self._grow_to_fit()
         self._dbs = {}
+        self._tables_lock = threading.Lock()
         for name in tables:
             try:
                 self._dbs[name] = self.env.open_db(name.encode(), create=not readonly)
             except lmdb.NotFoundError:
                 raise NotAStore(f"{self.path}: table {name!r} missing; not a modsync store",
                                 subject=self.path)
+
+    def ensure_table(self, name: str) -> None:
+        """Open (creating it if needed and writable) one more table in this environment.
+
+        For a layer that keeps its own table beside the store's (csync's state)
+        so that its writes commit atomically with the store's own.
+        """
+        if name in self._dbs:
+            return
+        with self._tables_lock:
+            if name not in self._dbs:
+                self._dbs[name] = self.env.open_db(name.encode(), create=not self.readonly)
 
     # -- transactions -------------------------------------------------------
     @contextmanager

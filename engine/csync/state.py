@@ -30,7 +30,6 @@ modsync behind the Cyrus master's back (see ``view.reconcile``).
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 
 import msgpack
@@ -53,7 +52,6 @@ CREATEDMODSEQ = cyrus_crc.CREATEDMODSEQ
 VIRTUAL_ANNOTATIONS = (THRID, SAVEDATE, CREATEDMODSEQ)
 
 _pack = msgpack.Packer(use_bin_type=True).pack
-_table_lock = threading.Lock()
 
 
 def _unpack(b: bytes):
@@ -67,12 +65,7 @@ def ensure_table(store) -> None:
     table to the same environment so that its state commits atomically with
     the modsync objects it describes.
     """
-    db = store.db
-    if TABLE in db._dbs:
-        return
-    with _table_lock:
-        if TABLE not in db._dbs:
-            db._dbs[TABLE] = db.env.open_db(TABLE.encode(), create=not db.readonly)
+    store.db.ensure_table(TABLE)
 
 
 @dataclass(slots=True)
