@@ -679,16 +679,8 @@ class ReplicaSession:
         return None if address is None else self._body(txn, address)
 
     def _get_fetch(self, value) -> Reply:
-        if not isinstance(value, KvList):
-            raise CsyncNo("IMAP_PROTOCOL_BAD_PARAMETERS")
-        try:
-            value.get_atom("MBOXNAME")
-            partition = value.get_atom("PARTITION")
-            value.get_atom("UNIQUEID")
-            guid = value.get_guid("GUID")
-            value.get_num32("UID")
-        except Exception:
-            raise CsyncNo("IMAP_PROTOCOL_BAD_PARAMETERS") from None
+        _, partition, _, guid, _ = _required(value, MBOXNAME="atom", PARTITION="atom",
+                                             UNIQUEID="atom", GUID="guid", UID="num32")
         with self.store.db.read() as txn:
             body = self._body_by_sha1(txn, bytes.fromhex(guid))
         if body is None:
@@ -798,12 +790,9 @@ class ReplicaSession:
             store.db.write(fn, before_commit=store.blobs.sync)
 
     def _apply_reserve(self, value) -> Reply:
-        if not isinstance(value, KvList):
-            raise CsyncNo("IMAP_PROTOCOL_BAD_PARAMETERS")
+        _, _, nodes = _required(value, PARTITION="atom", MBOXNAME="list", GUID="list")
         try:
-            value.get_atom("PARTITION")
-            value.get_list("MBOXNAME")
-            guids = [g.as_guid() for g in value.get_list("GUID")]
+            guids = [g.as_guid() for g in nodes]
         except Exception:
             raise CsyncNo("IMAP_PROTOCOL_BAD_PARAMETERS") from None
         if len(guids) > MAX_RESERVE:
@@ -1069,17 +1058,9 @@ class ReplicaSession:
         return ok()
 
     def _apply_seen(self, value) -> Reply:
-        if not isinstance(value, KvList):
-            raise CsyncNo("IMAP_PROTOCOL_BAD_PARAMETERS")
-        try:
-            user = value.get_atom("USERID")
-            uniqueid = value.get_atom("UNIQUEID")
-            lastread = value.get_date("LASTREAD")
-            lastuid = value.get_num32("LASTUID")
-            lastchange = value.get_date("LASTCHANGE")
-            uids = value.get_atom("SEENUIDS")
-        except Exception:
-            raise CsyncNo("IMAP_PROTOCOL_BAD_PARAMETERS") from None
+        user, uniqueid, lastread, lastuid, lastchange, uids = _required(
+            value, USERID="atom", UNIQUEID="atom", LASTREAD="date", LASTUID="num32",
+            LASTCHANGE="date", SEENUIDS="atom")
         if not user or not uniqueid or uids is None:
             raise CsyncNo("IMAP_PROTOCOL_BAD_PARAMETERS")
 
@@ -1192,15 +1173,8 @@ class ReplicaSession:
 
     # -- sieve (SIEVE mode, without SIEVE-MAILBOX) ----------------------------------------------
     def _apply_sieve(self, value) -> Reply:
-        if not isinstance(value, KvList):
-            raise CsyncNo("IMAP_PROTOCOL_BAD_PARAMETERS")
-        try:
-            user = value.get_atom("USERID")
-            filename = value.get_atom("FILENAME")
-            last_update = value.get_date("LAST_UPDATE")
-            content = value.get_map("CONTENT")
-        except Exception:
-            raise CsyncNo("IMAP_PROTOCOL_BAD_PARAMETERS") from None
+        user, filename, last_update, content = _required(
+            value, USERID="atom", FILENAME="atom", LAST_UPDATE="date", CONTENT="map")
         if not user or not filename or content is None:
             raise CsyncNo("IMAP_PROTOCOL_BAD_PARAMETERS")
         if not filename.endswith(".script"):
@@ -1644,6 +1618,20 @@ def _canon_rights(rights: str) -> str:
 # =============================================================================================
 # modsync-side helpers (all inside a Mutation)
 # =============================================================================================
+
+def _required(value, **kinds) -> list:
+    """A kvlist's fields, each read with its getter (``USERID="atom"``: get_atom).
+
+    Not a kvlist, a field missing or malformed: IMAP_PROTOCOL_BAD_PARAMETERS,
+    Cyrus's answer.
+    """
+    if not isinstance(value, KvList):
+        raise CsyncNo("IMAP_PROTOCOL_BAD_PARAMETERS")
+    try:
+        return [getattr(value, "get_" + kind)(key) for key, kind in kinds.items()]
+    except Exception:
+        raise CsyncNo("IMAP_PROTOCOL_BAD_PARAMETERS") from None
+
 
 def _modsync_mailbox_id(txn, uniqueid: str) -> str:
     """The id of the modsync mailbox holding Cyrus mailbox ``uniqueid`` (else uniqueid)."""
