@@ -306,6 +306,32 @@ def test_folder_moved_between_users(cyrus_master, replica_store):
     assert_settled(cy, store, "nina", "otto")
 
 
+def test_user_renamed(cyrus_master, replica_store):
+    """An admin renames a user (allowusermoves): every folder, sieve and subscriptions move."""
+    cy, store = cyrus_master, replica_store
+    new_user(cy, "quinn")
+    with cy.imap("quinn") as c:
+        check(c.create("INBOX/Sub"))
+        check(c.append("INBOX", None, None, message(700)))
+        check(c.append("INBOX/Sub", r"(\Seen)", None, message(701)))
+        check(c.subscribe("INBOX/Sub"))
+    with cy.sieve("quinn") as s:
+        s.put("main", b"keep;\r\n")
+        s.activate("main")
+    roll(cy)
+    with cy.imap("admin") as c:
+        check(c.rename("user/quinn", "user/rita"))
+    cy.add_login("rita")
+    p = roll(cy)
+    assert "RENAME user.quinn.Sub -> user.rita.Sub" in p.stdout.decode()
+    assert_same(cy, store, "rita")
+    assert store.mailboxes("quinn") == []
+    assert store.subscriptions("rita") == ["Sub"]
+    assert {x.name: x.active for x in store.sieve_scripts("rita")} == {"main": True}
+    assert store.sieve_script("rita", "main") == b"keep;\r\n"
+    assert_settled(cy, store, "rita")
+
+
 def test_deleted_folder_restored(cyrus_master, replica_store):
     """An admin restores DELETED.user.max.Old.<hex> under its old name (an undelete)."""
     cy, store = cyrus_master, replica_store

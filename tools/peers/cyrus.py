@@ -166,6 +166,7 @@ class Cyrus:
             "expunge_mode: delayed",
             "delete_mode: delayed",
             "conversations: 0",
+            "allowusermoves: yes",      # an admin may rename a user (user moves replicate)
         ]
         if not self.fsync:
             lines.append("skiplist_unsafe: 1")
