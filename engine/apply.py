@@ -55,7 +55,7 @@ from .errors import EXIT_REJECTED, ModsyncError, NoSuchUser
 from .model import (
     ACL, ANNOTATION, KIND_CLASSES, KIND_NAMES, MAILBOX, QUOTA, RECORD, SEEN, SIEVE,
     SUBSCRIPTION, U32, U64, AclEntry, Annotation, Mailbox, QuotaRoot, Record, SeenSet,
-    SieveScript, Stamp, Subscription, normalize_flags,
+    SieveScript, Stamp, Subscription, normalize_flags, normalized_flags,
 )
 from .mutation import Mutation, annotation_stamp_key
 from .store import IX_NAME, IX_UIDVALIDITY, IX_UNIQUEID, Store
@@ -114,7 +114,7 @@ def apply(store: Store, cs: ChangeSet, *, bodies=None, merge: bool = False,
     a callable address -> bytes); bodies we already hold are not asked for.
     If it also has ``stored(address) -> (method, payload, size) | None``
     (``engine.wire.BodySpool``), bodies it holds as a pack stores them are
-    checked (decompressed, by its ``unpacked(address)`` if it has one) and
+    checked (decompressed, by its ``unpack_many(entries)`` if it has one) and
     written as they came, not compressed again.
     Raises LegalityError (store unchanged) for an illegal change set.
     """
@@ -178,7 +178,7 @@ def _fetch_bodies(store: Store, cs: ChangeSet, bodies) -> tuple[dict, dict]:
     every core, before the writer lock is taken."""
     getter = bodies.get if isinstance(bodies, dict) else bodies
     stored_of = getattr(bodies, "stored", None)
-    unpacked = getattr(bodies, "unpacked", None)
+    unpack_many = getattr(bodies, "unpack_many", None)
     with store.db.read() as txn:
         lacking = [a for a in cs.bodies if txn.get("blobs", a) is None]
     fetched, packed, stored = {}, {}, []
@@ -190,7 +190,7 @@ def _fetch_bodies(store: Store, cs: ChangeSet, bodies) -> tuple[dict, dict]:
         data = getter(address) if getter is not None else None
         if data is not None:        # else checked when a record needs it
             fetched[address] = _checked(address, data)
-    datas = ([unpacked(a) for a, _ in stored] if unpacked is not None
+    datas = (unpack_many(stored) if unpack_many is not None
              else unpack_stored([e for _, e in stored]))
     for (address, (method, payload, size)), data in zip(stored, datas):
         if data is None:
@@ -579,7 +579,7 @@ def _record_from_item(ctx: _Context, item: Item, mb: Mailbox) -> Record:
      flag_stamps, renumbered_from, moved_to) = item.fields
     onum = ctx.onum
     rec = Record(item.ident[1], bytes(address), bytes(sha1), size, internaldate, savedate,
-                 _normalized(flags), annotations=tuple(sorted(
+                 normalized_flags(flags), annotations=tuple(sorted(
                      (e, u, bytes(v)) for e, u, v in annotations)) if annotations else (),
                  stamp=Stamp(removed=item.removed), mailbox=mb.num,
                  created=[onum(created[0]), created[1]],
@@ -588,21 +588,6 @@ def _record_from_item(ctx: _Context, item: Item, mb: Mailbox) -> Record:
     rec.createdmodseq = ctx.m.modseq
     rec.renumbered_from, rec.moved_to = renumbered_from, tuple(moved_to)
     return rec
-
-
-_NORMALIZED: dict[tuple, tuple] = {}
-
-
-def _normalized(flags) -> tuple:
-    """normalize_flags, remembered: a store holds few distinct flag sets, and a first
-    sync normalises one per message."""
-    key = tuple(flags)
-    hit = _NORMALIZED.get(key)
-    if hit is None:
-        hit = normalize_flags(key)
-        if len(_NORMALIZED) < 4096:
-            _NORMALIZED[key] = hit
-    return hit
 
 
 def _apply_record(ctx: _Context, item: Item, fetched: dict) -> None:

@@ -45,7 +45,6 @@ nothing else: every path that removes or replaces anything checks
 from __future__ import annotations
 
 import fcntl
-import gc
 import hmac
 import os
 import secrets
@@ -54,7 +53,6 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -64,7 +62,7 @@ import msgpack
 import zstandard
 
 from .blobs import address_of, fsync_dir
-from .changeset import ChangeSet
+from .changeset import ChangeSet, gc_paused
 from .db import Database, prefix_end
 from .errors import (
     EXIT_DAMAGED,
@@ -805,20 +803,6 @@ class Archive:
             raise UsageError(f"{self.path}: opened read-only")
         self.lock()
         return Writer(self, level)
-
-
-@contextmanager
-def gc_paused():
-    """Decoding a point makes some 10^5 lists, dicts and Items at once; the cyclic
-    collector would walk them again and again (it triples the decoding time of a
-    20,000-message user) although they hold no cycles."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def decode_point_payload(payload: bytes, where: str, *, validate: bool = True,

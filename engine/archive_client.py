@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from . import archive_protocol as A
 from . import protocol as P
-from .backup import CompactReport, RetentionPolicy, fetch_bodies, needed_bodies
-from .blobs import address_of
+from .backup import (PROGRESS_MIN_BODIES, CompactReport, RetentionPolicy, needed_bodies,
+                     source_bodies)
 from .changeset import ChangeSet
 from .client import DEFAULT_TIMEOUT, SEND_BUFFER, Client, Disconnected, RemoteError, parse_address
 from .errors import ModsyncError, ProtocolError, UsageError
@@ -34,15 +34,6 @@ SCHEME = "modsync://"
 POINT_TIMEOUT = 3600.0
 #: Seconds to wait for a compaction, which rewrites chunks before answering.
 COMPACT_TIMEOUT = 24 * 3600.0
-#: A user with at least this many new bodies gets a progress bar (as a local backup).
-PROGRESS_MIN_BODIES = 500
-
-
-def is_remote(text: str | os.PathLike) -> bool:
-    """Whether an --archive / --to names a served archive (modsync://...) rather than a path."""
-    return isinstance(text, str) and text.startswith(SCHEME)
-
-
 def parse_url(text: str) -> tuple[str, str]:
     """(HOST:PORT, archive name) of ``modsync://HOST:PORT/NAME``."""
     address, sep, name = text[len(SCHEME):].partition("/")
@@ -162,16 +153,14 @@ class RemoteArchive:
         needed, sizes = needed_bodies(cs)
         missing = self.missing(needed)
         big = len(missing) >= PROGRESS_MIN_BODIES
-        fetched = fetch_bodies(get_body, missing, self._readers() if checked else None)
+        fetched = source_bodies(get_body, missing, self._readers() if checked else None,
+                                checked, user)
 
         def read_body(address: bytes) -> bytes:
             a, data = next(fetched)
-            if a != address or data is None:
-                raise ProtocolError(f"body {address.hex()} of user {user!r} is not available "
-                                    f"from the source", subject=address.hex())
-            if not checked and address_of(data) != a:
-                raise ProtocolError(f"body {a.hex()} from the source does not hash to its "
-                                    f"address", subject=a.hex())
+            if a != address:
+                raise ProtocolError(f"body {address.hex()} of user {user!r} asked for out of "
+                                    f"order", subject=address.hex())
             if big:
                 progress.advance(1, len(data))
             return data

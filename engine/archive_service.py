@@ -153,13 +153,19 @@ class ArchiveService:
             h.close()
 
     def add_point(self, account, name: str, user: str, modseq: int, cs: ChangeSet,
-                  get_body) -> tuple[dict, int, bool]:
+                  get_body, *, items_checked: bool = False) -> tuple[dict, int, bool]:
         """Check a pushed change set and store it as ``user``'s next point:
-        (the backup's entry for the user, bytes written, whether the archive was created)."""
+        (the backup's entry for the user, bytes written, whether the archive was created).
+
+        ``items_checked``: the items were decoded with every field checked
+        (protocol version 3 does that as they arrive).
+        """
         user = names.user(user)
-        # Items off the wire carry only the DLIST shape; a point is decoded
-        # later without checks (archive.decode_point_payload), so check now.
-        cs = ChangeSet.decode(cs.encode())
+        if not items_checked:
+            # Items off a version 1-2 wire carry only the DLIST shape; a point
+            # is decoded later without checks (archive.decode_point_payload),
+            # so check now.
+            cs = ChangeSet.decode(cs.encode())
         h, created = self.handle(account, name, create=True)
         try:
             last = h.last_point(user)
@@ -282,7 +288,8 @@ async def _push(session, ev: A.ArchivePush) -> None:
     cs, spool = got
     try:
         entry, written, created = await asyncio.to_thread(
-            service.add_point, account, ev.archive, ev.user, ev.modseq, cs, spool.get)
+            service.add_point, account, ev.archive, ev.user, ev.modseq, cs, spool.get,
+            items_checked=(session.conn.version or 1) >= P.PACKED_VERSION)
     except ModsyncError as e:
         await _refuse(session, ev, e)
         return

@@ -56,13 +56,13 @@ from .archive import (
     decode_point_payload,
     decompress_block,
     encode_point_payload,
-    gc_paused,
     read_chunk_header,
     referenced_bodies,
     verify_archive,
 )
 from .blobs import address_of
-from .changeset import KIND_ORDER, ChangeSet, Item, build, encode_token, state_of, vv_le
+from .changeset import (KIND_ORDER, ChangeSet, Item, build, encode_token, gc_paused, state_of,
+                        vv_le)
 from .errors import (
     FullSyncNeeded,
     ModsyncError,
@@ -299,6 +299,20 @@ def needed_bodies(cs: ChangeSet) -> tuple[list[bytes], dict[bytes, int]]:
     return needed, sizes
 
 
+def source_bodies(get_body, addresses, pool, checked: bool, user: str):
+    """(address, bytes) of the bodies a point adds, read with ``get_body``: each must
+    be there, and hash to its address unless ``checked`` (a store checks what it
+    reads, then on ``pool``)."""
+    for a, data in fetch_bodies(get_body, addresses, pool if checked else None):
+        if data is None:
+            raise ProtocolError(f"body {a.hex()} of user {user!r}, which the archive "
+                                f"lacks, was not sent", subject=a.hex())
+        if not checked and address_of(data) != a:
+            raise ProtocolError(f"body {a.hex()} from the source does not hash to its "
+                                f"address", subject=a.hex())
+        yield a, data
+
+
 def write_point(archive: Archive, w, user: str, cs: ChangeSet, *, base: dict, modseq: int,
                 get_body, checked: bool, progress: Progress | None = None,
                 now: int | None = None) -> dict:
@@ -318,13 +332,7 @@ def write_point(archive: Archive, w, user: str, cs: ChangeSet, *, base: dict, mo
         progress.start(f"backup {user}", total_items=len(missing),
                        total_bytes=sum(sizes[a] for a in missing))
     try:
-        for a, data in fetch_bodies(get_body, missing, w.pool if checked else None):
-            if data is None:
-                raise ProtocolError(f"body {a.hex()} of user {user!r}, which the archive "
-                                    f"lacks, was not sent", subject=a.hex())
-            if not checked and address_of(data) != a:
-                raise ProtocolError(f"body {a.hex()} from the source does not hash to its "
-                                    f"address", subject=a.hex())
+        for a, data in source_bodies(get_body, missing, w.pool, checked, user):
             w.add_new_body(a, data)
             new_bytes += len(data)
             if big:

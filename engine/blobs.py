@@ -63,13 +63,29 @@ def _pool():
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
+            _POOL = ThreadPoolExecutor(max_workers=POOL_THREADS,
                                        thread_name_prefix="modsync-zstd")
         return _POOL
 
 
+POOL_THREADS = os.cpu_count() or 2
 _POOL = None
 _POOL_LOCK = threading.Lock()
+
+
+class Pending:
+    """Work handed to the compression threads, read as one result: ``result()`` is
+    the results of ``parts`` (futures of lists) joined in order, or ``done`` for
+    work too small to hand over.  Raises what a part raised."""
+
+    def __init__(self, parts=(), *, done=None):
+        self._parts = parts
+        self._done = done
+
+    def result(self):
+        if self._done is not None:
+            return self._done
+        return [x for f in self._parts for x in f.result()]
 
 
 _THREAD = threading.local()
@@ -86,14 +102,12 @@ def unpack_stored(entries: list[tuple[int, bytes, int]]) -> list[bytes | None]:
     return list(Unpacked(entries))
 
 
-def unpack_stored_async(entries: list[tuple[int, bytes, int]]) -> "Future[Unpacked]":
+def unpack_stored_async(entries: list[tuple[int, bytes, int]]) -> "Future | Pending":
     """``Unpacked(entries)`` on the compression threads: its one GIL-free call runs
     while the caller goes on (a receiver reading the rest of a change set).  A few
     bodies are done at once: handing them over would cost more than it saves."""
     if len(entries) < PARALLEL_MIN:
-        done: Future = Future()
-        done.set_result(Unpacked(entries))
-        return done
+        return Pending(done=Unpacked(entries))
     return _pool().submit(Unpacked, entries)
 
 
@@ -199,35 +213,17 @@ class BlobStore:
         """(method, payload) for each body, compressed on all cores for large batches."""
         return self.compress_many_async(datas).result()
 
-    def compress_many_async(self, datas: list[bytes]) -> "Future[list[tuple[int, bytes]]]":
-        """Start compressing datas on the compression threads; the future gives
+    def compress_many_async(self, datas: list[bytes]) -> "Pending":
+        """Start compressing datas on the compression threads; ``result()`` gives
         what ``compress_many`` returns.  The caller may go on with other work
         (the next batch's reading, the previous batch's commit) meanwhile."""
         if len(datas) < PARALLEL_MIN:
-            done: Future = Future()
-            done.set_result([self._choose(d, self._compressor.compress(d)) for d in datas])
-            return done
-        pool = _pool()
-        n = max(1, min(pool._max_workers, len(datas) // PARALLEL_MIN))
+            return Pending(done=[self._choose(d, self._compressor.compress(d)) for d in datas])
+        n = max(1, min(POOL_THREADS, len(datas) // PARALLEL_MIN))
         step = -(-len(datas) // n)
-        parts = [pool.submit(self._compress_chunk, datas[i:i + step])
-                 for i in range(0, len(datas), step)]
-        joined: Future = Future()
-        remaining = [len(parts)]
-        lock = threading.Lock()
-
-        def one_done(_f):
-            with lock:
-                remaining[0] -= 1
-                if remaining[0]:
-                    return
-            try:
-                joined.set_result([x for f in parts for x in f.result()])
-            except BaseException as e:       # surfaced by joined.result()
-                joined.set_exception(e)
-        for f in parts:
-            f.add_done_callback(one_done)
-        return joined
+        pool = _pool()
+        return Pending([pool.submit(self._compress_chunk, datas[i:i + step])
+                        for i in range(0, len(datas), step)])
 
     def _compress_chunk(self, datas: list[bytes]) -> list[tuple[int, bytes]]:
         cctx = getattr(self._local, "cctx", None)
@@ -418,7 +414,7 @@ class BlobStore:
                                f"{loc.pack} at offset {loc.offset}", subject=address.hex())
         else:
             try:
-                data = self._decompressor().decompress(payload, max_output_size=loc.size)
+                data = _dctx().decompress(payload, max_output_size=loc.size)
             except zstandard.ZstdError as e:
                 raise StoreCorrupt(f"blob {address.hex()}: cannot decompress ({e})",
                                    subject=address.hex())
@@ -426,12 +422,6 @@ class BlobStore:
             raise StoreCorrupt(f"blob {address.hex()}: content does not match its address "
                                f"(pack {loc.pack}, offset {loc.offset})", subject=address.hex())
         return data
-
-    def _decompressor(self):
-        d = getattr(self._local, "dctx", None)
-        if d is None:
-            d = self._local.dctx = zstandard.ZstdDecompressor()
-        return d
 
     # -- maintenance --------------------------------------------------------
     def packs(self) -> list[str]:

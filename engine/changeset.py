@@ -206,7 +206,7 @@ class ChangeSet:
             FORMAT_VERSION, self.user, bytes.fromhex(self.sender),
             [[bytes.fromhex(o), n] for o, n in self.base.items()],
             [[bytes.fromhex(o), n] for o, n in self.state.items()],
-            [i.to_wire() for i in self.items], self.bodies,
+            _items_to_wire(self.items), self.bodies,
             [[k, v] for k, v in self.crcs.items()], self.digest, self.max_modseq,
         ], use_bin_type=True)
 
@@ -229,7 +229,7 @@ class ChangeSet:
                 raise ValueError("a field has the wrong type")
             return cls(user, sender.hex(), {o.hex(): n for o, n in base},
                        {o.hex(): n for o, n in state},
-                       [Item.from_wire(i) for i in items], list(bodies),
+                       _items_from_wire(items), list(bodies),
                        {k: n for k, n in crcs}, digest, max_modseq)
         except ProtocolError:
             raise
@@ -241,41 +241,51 @@ class ChangeSet:
 
 
 # -- items alone (the native protocol's ITEMS frames, version 3) ----------------
-# Frames of items this big are decoded with the cyclic GC paused (_gc_paused):
+# Frames of items this big are decoded with the cyclic GC paused (gc_paused):
 # 1,000 records make ~30,000 containers; decoding took 1.5 times as long.
 _GC_PAUSE_BYTES = 64 * 1024
 
 
 def encode_items(items) -> bytes:
     """Items in the change set's wire form (a msgpack array of ``Item.to_wire``)."""
-    origins: dict[str, bytes] = {}
+    return msgpack.packb(_items_to_wire(items), use_bin_type=True)
+
+
+def _items_to_wire(items) -> list:
+    origins: dict[str, bytes] = {}      # each origin's bytes, made once
     out = []
     for i in items:
         o = origins.get(i.origin)
         if o is None:
             o = origins[i.origin] = bytes.fromhex(i.origin)
         out.append(i.to_wire(o))
-    return msgpack.packb(out, use_bin_type=True)
+    return out
+
+
+def _items_from_wire(v: list) -> list[Item]:
+    """Items from their wire form, every field checked (records by the fast path)."""
+    known: dict = {}     # origin bytes -> hex, and store ids checked already
+    return [_record_from_wire(i, known) or Item.from_wire(i) for i in v]
 
 
 def decode_items(data: bytes) -> list[Item]:
     """The items of ``encode_items``, every field type-checked (ProtocolError if not)."""
-    with _gc_paused(len(data) >= _GC_PAUSE_BYTES):
+    with gc_paused(len(data) >= _GC_PAUSE_BYTES):
         try:
             v = msgpack.unpackb(data, raw=False)
             if not isinstance(v, list):
                 raise ProtocolError("change set items are not a list")
-            known: dict = {}     # origin bytes -> hex, and store ids checked already
-            return [_record_from_wire(i, known) or Item.from_wire(i) for i in v]
+            return _items_from_wire(v)
         except (ValueError, TypeError, msgpack.UnpackException) as e:
             raise ProtocolError(f"malformed change set items ({e})") from None
 
 
 @contextmanager
-def _gc_paused(pause: bool = True):
+def gc_paused(pause: bool = True):
     """The cyclic GC off while many acyclic containers are made (items: lists, dicts
     and tuples of scalars), which it would otherwise traverse again and again as they
-    pile up: building a first sync of 20,000 records took 1.6 times as long."""
+    pile up: building a first sync of 20,000 records took 1.6 times as long, and
+    decoding an archive point of as many messages three times as long."""
     pause = pause and gc.isenabled()
     if pause:
         gc.disable()
@@ -386,7 +396,7 @@ def build(store, user: str, base: dict[str, int], *, with_bodies: bool = True,
     Raises FullSyncNeeded when ``base`` is below the tombstone horizon (the
     receiver might miss a deletion); an empty base is always answerable.
     """
-    with store.db.read() as txn, _gc_paused():
+    with store.db.read() as txn, gc_paused():
         u: UserRecord = require_user(store._user(txn, user), user)
         origin_ids = {}
         for k, v in txn.prefix("meta", b"origin#"):
@@ -539,7 +549,7 @@ def split(cs: ChangeSet, part_items: int | None = None) -> list[ChangeSet]:
     part_items = part_items or PART_ITEMS
     if any(cs.base.values()) or len(cs.items) <= part_items:
         return [cs]
-    with _gc_paused():
+    with gc_paused():
         return _split(cs, part_items)
 
 

@@ -78,6 +78,22 @@ def normalize_flags(flags) -> tuple[str, ...]:
 _KEYWORD_FORBIDDEN = set('(){ %*"\\]') | {chr(c) for c in range(0x20)} | {"\x7f"}
 
 
+# A store holds a handful of distinct flag sets, and an import or first sync
+# normalises one per message: both normalisations are remembered per tuple
+# (lru_cache does not remember a ValueError, so refusals are raised every time).
+_normalize_tuple = functools.lru_cache(maxsize=4096)(normalize_flags)
+
+
+def normalized_flags(flags) -> tuple[str, ...]:
+    """normalize_flags, remembered."""
+    return _normalize_tuple(flags if type(flags) is tuple else tuple(flags))
+
+
+def validated_flags(flags) -> tuple[str, ...]:
+    """validate_flags, remembered."""
+    return _validate_tuple(flags if type(flags) is tuple else tuple(flags))
+
+
 def validate_flags(flags) -> tuple[str, ...]:
     """Normalised flags, refusing what IMAP cannot carry (for local mutations).
 
@@ -96,6 +112,9 @@ def validate_flags(flags) -> tuple[str, ...]:
             raise ValueError(f"keyword {f!r} is not an IMAP atom (no spaces, brackets, "
                              f"quotes, wildcards or non-ASCII)")
     return normalize_flags(flags)
+
+
+_validate_tuple = functools.lru_cache(maxsize=4096)(validate_flags)
 
 
 @dataclass(slots=True)

@@ -73,7 +73,7 @@ class BarProgress(Progress):
     def start(self, label, total_items=None, total_bytes=None):
         from tqdm import tqdm
         self.bar = tqdm(total=total_items, desc=label, unit="msg", file=sys.stderr,
-                        dynamic_ncols=True, leave=True, mininterval=self.interval)
+                        dynamic_ncols=True, leave=True, mininterval=0)   # advance throttles
         self.bytes = 0
         self.pending = 0
         self.t0 = self.next = time.monotonic()

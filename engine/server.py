@@ -722,8 +722,8 @@ class Session:
         vv = await asyncio.to_thread(local_state, self.store, user)
         counter = result.counter if result.status == "rejected" else None
         has_counter = counter is not None and bool(counter.items)
-        status = result.status if result.status == "rejected" or not written else (
-            "merged" if result.status == "merged" else "applied")
+        # parts applied as they arrived may have written it all: the last finds nothing
+        status = "applied" if written and result.status == "nothing" else result.status
         await self.send(P.Result(user, status, result.code, result.reason, vv, written,
                                  has_counter))
         if has_counter:

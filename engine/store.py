@@ -24,13 +24,12 @@ import os
 import secrets
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
 from . import names, uidset
-from .blobs import BlobStore, Location, address_of, sha1_of
+from .blobs import BlobStore, Location, Pending, address_of, sha1_of
 from .db import Database, Txn, prefix_end
 from .errors import (
     MailboxExists, NoSuchMailbox, NoSuchMessage, NoSuchObject, NotAStore, SchemaVersionError,
@@ -39,7 +38,7 @@ from .errors import (
 from .model import (
     ACL, ANNOTATION, KIND_CLASSES, KIND_NAMES, MAILBOX, QUOTA, RECORD, SEEN, SIEVE,
     SUBSCRIPTION, U32, U64, AclEntry, Annotation, Mailbox, QuotaRoot, Record, SeenSet,
-    SieveScript, Subscription, _pack, normalize_flags, stamp_of, unpackb, validate_flags,
+    SieveScript, Subscription, _pack, normalize_flags, stamp_of, unpackb, validated_flags,
 )
 from .mutation import Mutation, UserRecord, check_since, object_key, require_user
 from . import crc as cyrus_crc
@@ -96,7 +95,7 @@ class PreparedAppend:
 
     messages: list          # (Message, address, sha1, flags)
     missing: list           # addresses of the bodies the store lacked when prepared
-    compressed: Future      # -> (method, payload) per missing body, in that order
+    compressed: Pending     # .result(): (method, payload) per missing body, in order
 
 
 ACL_RIGHTS = "lrswipkxtecdan0123456789"
@@ -110,20 +109,10 @@ def _address(msg: Message) -> bytes:
 
 
 def _flags(flags) -> tuple:
-    flags = tuple(flags)
-    hit = _FLAGS_SEEN.get(flags)
-    if hit is not None:
-        return hit
     try:
-        hit = validate_flags(flags)
+        return validated_flags(flags)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if len(_FLAGS_SEEN) < 4096:   # a mail store has few distinct flag sets
-        _FLAGS_SEEN[flags] = hit
-    return hit
-
-
-_FLAGS_SEEN: dict[tuple, tuple] = {}
 
 
 def _check_entry(entry: str) -> None:
@@ -247,12 +236,7 @@ class Store:
         user = names.user(user)
         with self._lock:
             def run(txn: Txn):
-                rec = self._user(txn, user)
-                if rec is None:
-                    if not create_user:
-                        require_user(None, user)
-                    rec = self._create_user(txn, user)
-                m = Mutation(self, txn, rec, modseq=modseq)
+                m = self._mutation(txn, user, create_user, modseq)
                 result = fn(m)
                 m.finish()
                 return result
@@ -268,19 +252,21 @@ class Store:
         wanted = list(dict.fromkeys(names.user(u) for u in users))
         with self._lock:
             def run(txn: Txn):
-                ms = {}
-                for user in wanted:
-                    rec = self._user(txn, user)
-                    if rec is None:
-                        if not create_user:
-                            require_user(None, user)
-                        rec = self._create_user(txn, user)
-                    ms[user] = Mutation(self, txn, rec)
+                ms = {user: self._mutation(txn, user, create_user) for user in wanted}
                 result = fn(ms)
                 for m in ms.values():
                     m.finish()
                 return result
             return self.db.write(run, before_commit=self.blobs.sync)
+
+    def _mutation(self, txn: Txn, user: str, create_user: bool,
+                  modseq: int | None = None) -> Mutation:
+        rec = self._user(txn, user)
+        if rec is None:
+            if not create_user:
+                require_user(None, user)
+            rec = self._create_user(txn, user)
+        return Mutation(self, txn, rec, modseq=modseq)
 
     def _create_user(self, txn: Txn, name: str) -> UserRecord:
         num = U32.unpack(txn.get("meta", b"next_user"))[0]
@@ -722,7 +708,7 @@ class Store:
                 else:
                     new = change
                 if new != r.flags:
-                    old = Record.unpack(r.key(), r.pack())
+                    old = r.copy()
                     r.flags = new
                     m.put_record(mb, r, old)
                     n += 1
@@ -743,7 +729,7 @@ class Store:
 
     @staticmethod
     def _expunge_record(m: Mutation, mb: Mailbox, r: Record) -> None:
-        old = Record.unpack(r.key(), r.pack())
+        old = r.copy()
         r.stamp.removed = True
         m.put_record(mb, r, old)
 
@@ -786,7 +772,7 @@ class Store:
             r = m.record(mb, uid)
             if r is None or r.stamp.removed:
                 raise NoSuchMessage(f"{mailbox!r} has no message with UID {uid}", subject=uid)
-            old = Record.unpack(r.key(), r.pack())
+            old = r.copy()
             ann = {(e, u): v for e, u, v in r.annotations}
             if value is None:
                 ann.pop((entry, userid), None)

@@ -302,7 +302,7 @@ class BodySpool:
     (method, payload, size), so that apply writes them without compressing
     again.  Those held in memory are decompressed at once on the compression
     threads (one GIL-free call per frame), while the rest of the change set
-    arrives and the previous one is applied: ``unpacked(address)``, and
+    arrives and the previous one is applied: ``unpacked``, ``unpack_many`` and
     ``get``, then only wait for it.  ``close()`` drops them (and the file).
     """
 
@@ -359,11 +359,26 @@ class BodySpool:
     def unpacked(self, address: bytes) -> bytes | None:
         """A body that came as stored, decompressed (None if it does not decompress to
         the size it claims, or did not come as stored).  Not checked against its address."""
-        started = self._unpacking.get(address)
-        if started is not None:
-            return started[0].result()[started[1]]
-        entry = self.stored(address)
-        return None if entry is None else unpack_stored([entry])[0]
+        entry = self.stored(address) if address not in self._unpacking else None
+        return self.unpack_many([(address, entry)])[0]
+
+    def unpack_many(self, entries: list) -> list[bytes | None]:
+        """``unpacked`` of many bodies; ``entries`` are (address, ``stored(address)``).
+
+        Bodies already being decompressed are taken from there, the others are
+        decompressed together in one call (see ``unpack_stored``).
+        """
+        out: list = [None] * len(entries)
+        rest = []
+        for i, (address, entry) in enumerate(entries):
+            started = self._unpacking.get(address)
+            if started is not None:
+                out[i] = started[0].result()[started[1]]
+            elif entry is not None:
+                rest.append(i)
+        for i, data in zip(rest, unpack_stored([entries[i][1] for i in rest])):
+            out[i] = data
+        return out
 
     def _raw(self, address: bytes) -> bytes | None:
         buf = self._mem.get(address)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import hashlib
 import hmac
 import logging
@@ -46,9 +45,9 @@ from dlist.model import wrap, string_node
 from ..accounts import check_password
 from ..blobs import Location, address_of
 from ..errors import ModsyncError
-from ..model import (QUOTA, RECORD, SEEN, SIEVE, SUBSCRIPTION, U32, U64, AclEntry, Annotation,
+from ..model import (QUOTA, SEEN, SIEVE, SUBSCRIPTION, U32, U64, AclEntry, Annotation,
                      Mailbox, QuotaRoot, Record, SeenSet, SieveScript, Stamp, Subscription,
-                     normalize_flags, unpackb)
+                     normalized_flags, unpackb)
 from ..mutation import Mutation
 from ..store import IX_NAME, IX_UIDVALIDITY, IX_UNIQUEID, Store
 from . import mapping, state, view
@@ -1562,12 +1561,11 @@ def _put_modsync_record(m: Mutation, mb: Mailbox, rec: CyrusRecord, address: byt
 
     Sets ``rec.msm`` to the modsync record's stamp modseq.
     """
-    key = mb.key() + U32.pack(rec.uid)
-    raw = None if fresh else m.get_raw(RECORD, key)
+    old = None if fresh else m.record(mb, rec.uid)
     anns = tuple(sorted((e, u, bytes(v)) for e, u, _m, v in rec.annotations)
                  ) if rec.annotations else ()
-    flags = _normalized_flags(rec.flags)
-    if raw is None:
+    flags = normalized_flags(rec.flags)
+    if old is None:
         if address is None:
             address = m.txn.get("sha1", rec.guid)
         if address is None:
@@ -1578,7 +1576,6 @@ def _put_modsync_record(m: Mutation, mb: Mailbox, rec: CyrusRecord, address: byt
         m.put_record(mb, new, None, last_updated=rec.last_updated)
         rec.msm = new.stamp.modseq
         return
-    old = Record.unpack(key, raw)
     if old.stamp.removed:
         rec.msm = old.stamp.modseq
         return
@@ -1596,10 +1593,6 @@ def _put_modsync_record(m: Mutation, mb: Mailbox, rec: CyrusRecord, address: byt
         cur.stamp.removed = True
     m.put_record(mb, cur, old, last_updated=rec.last_updated)
     rec.msm = cur.stamp.modseq
-
-
-# Cyrus sends the same few flag sets over and over (a folder has a handful).
-_normalized_flags = functools.lru_cache(maxsize=4096)(normalize_flags)
 
 
 def rec_uid_above(records, last_uid: int) -> bool:
@@ -1691,7 +1684,8 @@ def _create_modsync_mailbox(m: Mutation, name: str, uniqueid: str, uidvalidity: 
     if found is not None:
         mbid = new_unique_id()
         state.put_alias(txn, mbid, uniqueid)
-    floor = txn.get("index", IX_UIDVALIDITY + m.user.prefix + name.encode())
+    vkey = IX_UIDVALIDITY + m.user.prefix + name.encode()
+    floor = txn.get("index", vkey)
     if floor is not None and uidvalidity <= U32.unpack(floor)[0]:
         uidvalidity = U32.unpack(floor)[0] + 1
     num = m.store._next_mailbox_num(txn)
@@ -1701,7 +1695,7 @@ def _create_modsync_mailbox(m: Mutation, name: str, uniqueid: str, uidvalidity: 
     m.add_mailbox(mb)
     txn.put("index", IX_UNIQUEID + mbid.encode(), m.user.prefix + U64.pack(num))
     txn.put("index", IX_NAME + m.user.prefix + name.encode(), U64.pack(mb.num))
-    _raise_uidvalidity_floor(m, name, mb.uidvalidity)
+    txn.put("index", vkey, U32.pack(mb.uidvalidity))     # above the floor read above
     return mb
 
 

@@ -343,9 +343,8 @@ _REQUIRED_RECORD = (b"UID", b"MODSEQ", b"LAST_UPDATED", b"FLAGS", b"INTERNALDATE
 
 def parse_record(node) -> CyrusRecord:
     """A RECORD kvlist node -> CyrusRecord (Cyrus's parse_upload rules)."""
-    if (type(node) is tuple and node[:2] == _RECORD_HEAD
-            and node[3:15:2] == _RECORD_KEYS[1:]
-            and (len(node) == 15 or len(node) == 17 and node[15] == b"ANNOTATIONS")):
+    if (type(node) is tuple and (len(node) == 15 or len(node) == 17 and node[15] == b"ANNOTATIONS")
+            and node[0] == KVLIST and node[1:15:2] == _REQUIRED_RECORD):
         rec = _canonical_record(node)
         if rec is not None:
             return rec
@@ -405,8 +404,6 @@ def parse_record(node) -> CyrusRecord:
 # annotations) returns None and goes through parse_record's general rules,
 # which give the same result for what both accept (tests/csync/test_view.py).
 
-_RECORD_KEYS = _REQUIRED_RECORD
-_RECORD_HEAD = (KVLIST, b"UID")
 _ANNOTATION_KEYS = (b"ENTRY", b"USERID", b"MODSEQ", b"VALUE")
 _VIRTUAL = {SAVEDATE.encode(): 0, CREATEDMODSEQ.encode(): 1, THRID.encode(): 2}
 _NIL = b"NIL"
